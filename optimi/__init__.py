@@ -1,0 +1,19 @@
+"""optimi: fast, memory-efficient, low-precision PyTorch optimizers."""
+
+from optimi.adam import Adam
+from optimi.adamw import AdamW
+from optimi.optimizer import OptimiOptimizer
+from optimi.sgd import SGD
+from optimi.utils import param_groups_weight_decay, to_low_precision
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adam",
+    "AdamW",
+    "OptimiOptimizer",
+    "SGD",
+    "param_groups_weight_decay",
+    "to_low_precision",
+    "__version__",
+]
