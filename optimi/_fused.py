@@ -1,0 +1,250 @@
+"""The fused backend: each optimizer's update rule compiled into one pass over memory per tensor.
+
+[Note: the fused backend]
+``run_fused`` runs the same ``_<name>_update(ops, ...)`` function that the for-loop backend runs
+(see [Note: one update rule, three backends] in ``_kernels.py``), per tensor, under
+``torch.compile``. Inductor fuses the dozen in-place primitives of the rule into one loop that
+reads the parameter, gradient and states once and writes the parameter and states once:
+vectorized C++ on CPU, a Triton kernel on CUDA. There is no second copy of the math.
+
+What keeps compilation to once per *configuration* (update rule, device type, dtype, which
+optional tensors are ``None``, the rule's ``bool``/``None`` switches) rather than once per shape
+or step:
+
+* every tensor is passed as a flat 1-D view with a dynamic length, so parameters of any shape
+  share one kernel (lengths 0 and 1 are specialized by Dynamo: at most one more compile each);
+* numeric hyperparameters (learning rate, betas, bias corrections, ...) travel packed in one
+  float64 tensor, so a scheduler changing them never triggers a recompile. float64 keeps their
+  Python arithmetic (``1 - beta1``, ``-lr / bias_correction1``) bit-identical to the other
+  backends before they are rounded to the kernel's compute dtype;
+* each configuration is its own compiled region, so Dynamo's per-function recompile limit is
+  never shared between optimizers or configurations.
+
+[Note: the fused backend leaves gradients intact]
+The for-loop and foreach rules write temporaries into the gradient buffer to save allocations
+([Note: the gradient is a scratch buffer]). Inside a compiled kernel a temporary costs nothing
+(it lives in registers), while writing the gradient back costs a store per element. So
+:class:`FusedOps` hands out fresh temporaries from ``scratch()`` and the gradient is copied on
+entry (a copy Inductor folds into the loads): the compiled kernel never writes ``p.grad``.
+
+[Note: fused numerics]
+Eager PyTorch computes each low-precision (bf16/fp16) op in float32 and rounds its result once.
+Inductor would keep a fused chain of ops in float32 and round only the final store, which is more
+accurate but differs from the other backends by an ulp now and then. We compile with
+``emulate_precision_casts`` so every intermediate that eager rounds is rounded here too, and
+:class:`FusedOps` spells ``x + value * y`` style primitives with a tensor ``value`` as one float32
+expression, as the eager kernels with a Python scalar compute them. The backends then agree to
+the last bit except where the two compilers order float32 arithmetic differently.
+
+[Note: reductions and collectives]
+An update rule may reduce over the tensor (StableAdamW's RMS ratio via ``ops.sum``): Inductor
+then emits a reduction kernel followed by the elementwise pass, still without a Python round trip.
+A callable passed among the scalars (for example a function all-reducing partial sums across
+DTensor shards) must not be traced into the graph: it is wrapped in ``torch._dynamo.disable``, so
+Dynamo splits the compiled region around the call and the callable runs eagerly in between.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from optimi._kernels import TENSOR_OPS, TensorOps
+
+__all__ = ["FusedOps", "FUSED_OPS", "run_fused", "compiled_configurations", "fused_supported"]
+
+
+def _opmath(x: Tensor) -> Tensor:
+    """``x`` in the dtype eager kernels compute in: float32 for bf16/fp16, else unchanged."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+def _scalar(value: float | Tensor, like: Tensor) -> float | Tensor:
+    """A hyperparameter in ``like``'s compute dtype, as eager kernels convert a Python scalar.
+
+    Left as float64, Inductor would first round it to a bf16 tensor's own dtype.
+    """
+    return value.to(_opmath(like).dtype) if isinstance(value, Tensor) else value
+
+
+try:  # one rounding for a * b + c, as eager CPU and CUDA kernels compute add-with-alpha
+    from torch._inductor.inductor_prims import fma as _fma_prim
+except ImportError:  # pragma: no cover - older torch: two roundings, off by an ulp now and then
+    _fma_prim = None
+
+
+def _fma(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    return a * b + c if _fma_prim is None else _fma_prim(a, b, c)
+
+
+class FusedOps(TensorOps):
+    """:class:`TensorOps` for code compiled by ``torch.compile`` (see [Note: the fused backend]).
+
+    Temporaries are fresh buffers (free inside a fused kernel) instead of the gradient, and the
+    multiply-add primitives with a tensor scale are one float32 expression rounded once.
+    """
+
+    @staticmethod
+    def scratch(grad: Tensor) -> Tensor:
+        """A fresh temporary: inside the compiled kernel it is a register, never stored."""
+        return torch.empty_like(grad)
+
+    @staticmethod
+    def add_(x: Tensor, y: Tensor, alpha: float | Tensor = 1.0) -> Tensor:
+        if isinstance(alpha, Tensor):
+            alpha = alpha.to(_opmath(x).dtype)
+            if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu":
+                # eager's CPU kernel rounds alpha to the tensor's dtype for bf16/fp16 ...
+                return x.copy_(_opmath(x) + _opmath(y) * alpha.to(x.dtype).float())
+            # ... and computes x + alpha * y as one fused multiply-add otherwise
+            return x.copy_(_fma(_opmath(y), alpha, _opmath(x)))
+        return x.add_(y, alpha=alpha)
+
+    @staticmethod
+    def add_scalar_(x: Tensor, value: float | Tensor) -> Tensor:
+        return x.copy_(_opmath(x) + _scalar(value, x))
+
+    @staticmethod
+    def mul_(x: Tensor, value: float | Tensor) -> Tensor:
+        return x.copy_(_opmath(x) * _scalar(value, x))
+
+    @staticmethod
+    def div_(x: Tensor, value: float | Tensor) -> Tensor:
+        return x.copy_(_opmath(x) / _scalar(value, x))
+
+    @staticmethod
+    def lerp_(x: Tensor, y: Tensor, weight: float | Tensor) -> Tensor:
+        if isinstance(weight, Tensor):
+            return x.copy_(torch.lerp(_opmath(x), _opmath(y), weight.to(_opmath(x).dtype)))
+        return x.lerp_(y, weight)
+
+    @staticmethod
+    def addcmul_(x: Tensor, a: Tensor, b: Tensor, value: float | Tensor = 1.0) -> Tensor:
+        if isinstance(value, Tensor):
+            return x.copy_(_opmath(x) + value * _opmath(a) * _opmath(b))
+        return x.addcmul_(a, b, value=value)
+
+    @staticmethod
+    def addcdiv_(x: Tensor, a: Tensor, b: Tensor, value: float | Tensor = 1.0) -> Tensor:
+        if isinstance(value, Tensor):
+            return x.copy_(_opmath(x) + value * _opmath(a) / _opmath(b))
+        return x.addcdiv_(a, b, value=value)
+
+
+FUSED_OPS = FusedOps()
+
+# (update, device type, dtype, None pattern, static switches, scalar names) -> compiled step
+_COMPILED: dict[tuple, Callable[..., None]] = {}
+
+_COMPILE_HAS_ISOLATION = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+
+
+def compiled_configurations() -> int:
+    """How many fused configurations have been compiled in this process (for tests and docs)."""
+    return len(_COMPILED)
+
+
+def fused_supported(device: torch.device) -> str | None:
+    """``None`` when the fused backend can run on ``device``, else the reason it cannot."""
+    if not hasattr(torch, "compile"):
+        return "this PyTorch has no torch.compile"
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "the fused backend on CUDA needs Triton (pip install triton)"
+    return None
+
+
+def _is_static(value: Any) -> bool:
+    """Values that select the structure of the update and are baked into the compiled code."""
+    return value is None or isinstance(value, (bool, str))
+
+
+def _make_step(update: Callable[..., None], names: tuple[str, ...], static: dict[str, Any]) -> Callable[..., None]:
+    """Compile ``update`` for one configuration: ``step(packed_scalars, *flat_tensors)``."""
+    eager = {name: torch._dynamo.disable(fn) for name, fn in static.items() if callable(fn)}
+    static = {**static, **eager}
+
+    def fused_step(packed: Tensor, param: Tensor, grad: Tensor, *rest: Tensor | None) -> None:
+        scalars = {name: packed[i] for i, name in enumerate(names)}
+        # a private copy of the gradient: the rule may write it, the kernel never stores it
+        update(FUSED_OPS, param, grad.clone(), *rest, **scalars, **static)
+
+    if _COMPILE_HAS_ISOLATION:
+        options = dict(isolate_recompiles=True)
+    else:
+        # older torch: a private code object gives this configuration its own recompile budget
+        fused_step.__code__ = fused_step.__code__.replace()
+        options = {}
+    # emulate_precision_casts: see [Note: fused numerics]
+    return torch.compile(fused_step, dynamic=True, options={"emulate_precision_casts": True}, **options)
+
+
+def run_fused(
+    update: Callable[..., None],
+    tensor_lists: Sequence[Sequence[Tensor | None]],
+    scalars: dict[str, Any],
+) -> None:
+    """Run ``update`` once per tensor as a compiled, single-pass kernel ([Note: the fused backend]).
+
+    ``tensor_lists`` are parallel lists (parameters first, Kahan buffers last, ``None`` for an
+    absent optional tensor); ``scalars`` are the update's keyword arguments. Numbers (and 0-d
+    tensors) become runtime inputs, ``bool``/``None``/``str``/callables are compile-time switches,
+    and a list or tuple holds one number per tensor.
+    """
+    static = {k: v for k, v in scalars.items() if _is_static(v) or callable(v)}
+    per_tensor = {k: v for k, v in scalars.items() if isinstance(v, (list, tuple))}
+    numbers = {k: v for k, v in scalars.items() if k not in static and k not in per_tensor}
+    names = tuple(numbers) + tuple(per_tensor)
+    static_key = tuple(sorted((k, v if _is_static(v) else id(v)) for k, v in static.items()))
+    shared = [_as_float(v) for v in numbers.values()]
+    packed_on: dict[torch.device, Tensor] = {}
+
+    scalars = {k: v for k, v in scalars.items() if k not in per_tensor}
+    for index, tensors in enumerate(zip(*tensor_lists)):
+        param = tensors[0]
+        if param.numel() == 0:
+            continue
+        if not all(t is None or t.is_contiguous() for t in tensors):
+            # a strided layout cannot be flattened to a view: run the same rule eagerly
+            update(TENSOR_OPS, *tensors, **scalars, **{k: v[index] for k, v in per_tensor.items()})
+            continue
+        key = (
+            update,
+            param.device.type,
+            param.dtype,
+            tuple(t is None for t in tensors),
+            tuple(t.dtype for t in tensors if t is not None),
+            static_key,
+            names,
+        )
+        step = _COMPILED.get(key)
+        if step is None:
+            step = _COMPILED[key] = _make_step(update, names, static)
+        if per_tensor:
+            values = shared + [_as_float(v[index]) for v in per_tensor.values()]
+            packed = _pack(values, param.device)
+        else:
+            packed = packed_on.get(param.device)
+            if packed is None:
+                packed = packed_on[param.device] = _pack(shared, param.device)
+        step(packed, *(None if t is None else t.detach().view(-1) for t in tensors))
+
+
+def _as_float(value: Any) -> float | Tensor:
+    if isinstance(value, Tensor):
+        return value.detach().to(torch.float64).reshape(())
+    return float(value)
+
+
+def _pack(values: list[float | Tensor], device: torch.device) -> Tensor:
+    """All numeric hyperparameters of one call as one float64 tensor on ``device``."""
+    if any(isinstance(v, Tensor) for v in values):
+        return torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device) for v in values])
+    packed = torch.tensor(values, dtype=torch.float64)
+    return packed if device.type == "cpu" else packed.to(device, non_blocking=True)
