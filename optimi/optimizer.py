@@ -8,6 +8,9 @@ provide three small pieces: ``_validate_group`` (their hyperparameter ranges), `
 
 from __future__ import annotations
 
+import functools
+import os
+import shutil
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -15,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-__all__ = ["OptimiOptimizer", "resolve_backend", "LOW_PRECISION_DTYPES"]
+__all__ = ["OptimiOptimizer", "resolve_backend", "fused_available", "LOW_PRECISION_DTYPES"]
 
 LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -84,20 +87,58 @@ def _triton_available() -> bool:
     return True
 
 
+#: a param group needs this many elements before ``None`` flags pick the fused backend: below it
+#: the one-time compile (seconds) is not paid back by faster steps (see docs/backends.md)
+FUSED_MIN_ELEMENTS = 1 << 20
+#: on CUDA each tensor also needs this many elements on average: the fused backend launches one
+#: kernel per tensor, foreach a handful per group, so many small tensors favour foreach
+FUSED_MIN_ELEMENTS_PER_TENSOR_CUDA = 1 << 16
+
+
+@functools.cache
+def fused_available(device_type: str) -> bool:
+    """Whether ``torch.compile`` can generate the fused step on this kind of device.
+
+    CPU needs the C++ compiler Inductor invokes (``$CXX``, else ``g++``/``clang++``/``c++`` on the
+    PATH), CUDA needs Triton; both need a Python version Dynamo supports.
+    """
+    if not hasattr(torch, "compile"):
+        return False
+    try:
+        if not torch._dynamo.is_dynamo_supported():
+            return False
+    except Exception:  # noqa: BLE001 - any failure to even ask means: not supported
+        return False
+    if device_type == "cuda":
+        return _triton_available()
+    if device_type == "cpu":
+        candidates = [os.environ.get("CXX"), "g++", "clang++", "c++"]
+        return any(shutil.which(c) for c in candidates if c)
+    return False
+
+
 def resolve_backend(
     *,
     foreach: bool | None,
     fused: bool | None,
     triton: bool | None,
     device: torch.device,
+    numel: int = 0,
+    tensors: int = 1,
 ) -> str:
-    """Choose ``'for_loop'``, ``'foreach'`` or ``'fused'`` for parameters on ``device``.
+    """Choose ``'for_loop'``, ``'foreach'`` or ``'fused'`` for a group of ``tensors`` parameters
+    holding ``numel`` elements on ``device``.
 
     An explicit flag always wins: ``fused=True`` or ``triton=True`` give the fused path,
-    ``foreach=True`` the foreach path and ``foreach=False`` alone the for-loop. Left at ``None``,
-    the choice follows ``scripts/bench_step.py``: on CPU the per-tensor for-loop beats foreach
-    (the tensor stays in cache across the update's kernels), on CUDA foreach beats the for-loop
-    (launch overhead dominates).
+    ``foreach=True`` the foreach path and ``foreach=False`` alone the for-loop; ``fused=False``
+    (or ``triton=False`` on CUDA) alone keeps the automatic choice among the other two. Left at
+    ``None``, the choice follows ``scripts/bench_step.py`` (docs/backends.md):
+
+    * fused where ``torch.compile`` can generate it (a C++ compiler on CPU, Triton on CUDA) and the
+      group is large enough to pay back the one-time compile: at least ``FUSED_MIN_ELEMENTS``
+      elements, and on CUDA ``FUSED_MIN_ELEMENTS_PER_TENSOR_CUDA`` per tensor on average;
+    * otherwise the per-tensor for-loop on CPU (the tensor stays in cache across the update's
+      kernels, which beats foreach) and foreach on CUDA (kernel-launch overhead dominates).
     """
     if triton and device.type != "cuda":
         raise ValueError("triton=True needs parameters on a CUDA device with Triton installed")
@@ -105,6 +146,13 @@ def resolve_backend(
         return "fused"
     if foreach is not None:
         return "foreach" if foreach else "for_loop"
+    large = numel >= FUSED_MIN_ELEMENTS
+    if device.type == "cuda":
+        large = large and numel >= FUSED_MIN_ELEMENTS_PER_TENSOR_CUDA * max(tensors, 1)
+    # triton=False opts a CUDA group out of compiled kernels, like fused=False anywhere
+    opted_out = fused is False or (triton is False and device.type == "cuda")
+    if large and not opted_out and fused_available(device.type):
+        return "fused"
     return "foreach" if device.type == "cuda" else "for_loop"
 
 
@@ -167,7 +215,26 @@ class OptimiOptimizer(Optimizer):
 
     def backend_for(self, group: dict[str, Any], device: torch.device) -> str:
         """The backend that steps ``group``'s parameters on ``device``."""
-        return resolve_backend(foreach=group["foreach"], fused=group["fused"], triton=group["triton"], device=device)
+        numel, tensors = 0, 0
+        if group["foreach"] is None and not group["fused"] and not group["triton"]:
+            numel, tensors = self._group_size(group)
+        return resolve_backend(
+            foreach=group["foreach"],
+            fused=group["fused"],
+            triton=group["triton"],
+            device=device,
+            numel=numel,
+            tensors=tensors,
+        )
+
+    def _group_size(self, group: dict[str, Any]) -> tuple[int, int]:
+        """``(elements, tensors)`` of a param group, cached: gradient release asks once per parameter."""
+        params = group["params"]
+        cache = self.__dict__.setdefault("_group_sizes", {})
+        cached = cache.get(id(params))
+        if cached is None or cached[0] is not params or cached[1] != len(params):
+            cached = cache[id(params)] = (params, len(params), sum(p.numel() for p in params))
+        return cached[2], cached[1]
 
     def init_param_state(self, param: Tensor, group: dict[str, Any]) -> dict[str, Any]:
         """Create ``param``'s state if it has none yet, and return it."""

@@ -158,6 +158,40 @@ def test_resolve_backend_rules():
         resolve_backend(foreach=None, fused=None, triton=True, device=cpu)
 
 
+def test_resolve_backend_large_groups_default_to_fused(monkeypatch):
+    """``None`` picks fused for groups large enough to pay back the compile, where it can run."""
+    from optimi import optimizer as optimizer_module
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    big = optimizer_module.FUSED_MIN_ELEMENTS
+    monkeypatch.setattr(optimizer_module, "fused_available", lambda device_type: True)
+    auto = dict(foreach=None, fused=None, triton=None)
+    assert resolve_backend(**auto, device=cpu, numel=big, tensors=4) == "fused"
+    assert resolve_backend(**auto, device=cpu, numel=big - 1, tensors=1) == "for_loop"
+    assert resolve_backend(**auto, device=cuda, numel=big, tensors=4) == "fused"
+    assert resolve_backend(**auto, device=cuda, numel=big, tensors=1000) == "foreach"  # many small tensors
+    # explicit flags win over the size rule
+    assert resolve_backend(foreach=False, fused=None, triton=None, device=cpu, numel=big) == "for_loop"
+    assert resolve_backend(foreach=True, fused=None, triton=None, device=cpu, numel=big) == "foreach"
+    assert resolve_backend(foreach=None, fused=False, triton=None, device=cpu, numel=big) == "for_loop"
+    assert resolve_backend(foreach=None, fused=None, triton=False, device=cuda, numel=big) == "foreach"
+    # without a compiler (CPU) or Triton (CUDA) the size rule falls back to the unfused paths
+    monkeypatch.setattr(optimizer_module, "fused_available", lambda device_type: False)
+    assert resolve_backend(**auto, device=cpu, numel=big, tensors=4) == "for_loop"
+    assert resolve_backend(**auto, device=cuda, numel=big, tensors=4) == "foreach"
+
+
+def test_default_backend_follows_group_size():
+    """A plain optimizer on a small model keeps the for-loop; a large group resolves to fused."""
+    from optimi.optimizer import fused_available
+
+    small = optimi.AdamW(make_params(), lr=1e-3)
+    assert small.backend_for(small.param_groups[0], torch.device("cpu")) == "for_loop"
+    large = optimi.AdamW([torch.zeros(1 << 20, requires_grad=True)], lr=1e-3)
+    expected = "fused" if fused_available("cpu") else "for_loop"
+    assert large.backend_for(large.param_groups[0], torch.device("cpu")) == expected
+
+
 @pytest.mark.parametrize("spec", OPTIMIZERS, ids=spec_id)
 def test_one_cycle_lr_with_momentum_cycling(spec):
     """Param groups expose betas (or momentum) so OneCycleLR can cycle it."""
