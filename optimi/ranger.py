@@ -33,7 +33,9 @@ class Ranger(OptimiOptimizer):
     Decay is decoupled by default, :math:`\theta \leftarrow \theta(1 - \gamma_t\lambda)`;
     ``decouple_wd=False`` gives the L2 penalty :math:`g_t \leftarrow g_t + \lambda\theta_{{t-1}}`, and
     ``decouple_lr=True`` :math:`\theta \leftarrow \theta(1 - \frac{{\gamma_t}}{{\gamma_\max}}\lambda)`.
-    Lookahead counts each parameter's own updates; optimizer accumulation steps do not count.
+    Lookahead counts each parameter's own updates; optimizer accumulation steps do not count. Under
+    Kahan summation the slow weights keep their own compensation (``slow_comp``), so lookahead
+    interpolates the exact fast and slow weights.
 
     Args:
         params: Iterable of parameters or dicts defining parameter groups.
