@@ -151,6 +151,8 @@ def stableadamw(
     tensor's clipped learning rate. With ``accumulate=True`` only the moments absorb the gradient.
     ``step`` is the 1-based step count used for debiasing.
     """
+    if not params:
+        return
     run_update(
         _stableadamw_moments,
         backend,
