@@ -7,6 +7,11 @@
 reads the parameter, gradient and states once and writes the parameter and states once:
 vectorized C++ on CPU, a Triton kernel on CUDA. There is no second copy of the math.
 
+An update rule whose caller reads a result back from the gradient buffer (StableAdamW's first
+pass leaves ``g^2 / max(v, eps^2)`` there for the per-tensor reduction) is marked with
+:func:`optimi._kernels.gradient_is_output`; only for such rules does the compiled kernel store
+the gradient.
+
 What keeps compilation to once per *configuration* (update rule, device type, dtype, which
 optional tensors are ``None``, the rule's ``bool``/``None`` switches) rather than once per shape
 or step:
@@ -23,9 +28,10 @@ or step:
 [Note: the fused backend leaves gradients intact]
 The for-loop and foreach rules write temporaries into the gradient buffer to save allocations
 ([Note: the gradient is a scratch buffer]). Inside a compiled kernel a temporary costs nothing
-(it lives in registers), while writing the gradient back costs a store per element. So
-:class:`FusedOps` hands out fresh temporaries from ``scratch()`` and the gradient is copied on
-entry (a copy Inductor folds into the loads): the compiled kernel never writes ``p.grad``.
+(it lives in registers), while writing the gradient back costs a store per element. So the
+compiled step hands the rule a copy of the gradient (a copy Inductor folds into the loads):
+``scratch(grad)`` and every write to the gradient land in that temporary, and the compiled
+kernel never writes ``p.grad``.
 
 [Note: fused numerics]
 Eager PyTorch computes each low-precision (bf16/fp16) op in float32 and rounds its result once.
@@ -82,16 +88,12 @@ def _fma(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
 
 
 class FusedOps(TensorOps):
-    """:class:`TensorOps` for code compiled by ``torch.compile`` (see [Note: the fused backend]).
+    """:class:`TensorOps` for code compiled by ``torch.compile`` (see [Note: fused numerics]).
 
-    Temporaries are fresh buffers (free inside a fused kernel) instead of the gradient, and the
-    multiply-add primitives with a tensor scale are one float32 expression rounded once.
+    Scalars arrive as 0-d float64 tensors; each primitive converts them and rounds like the eager
+    kernel that receives a Python scalar. ``scratch(grad)`` is still the gradient, but the fused
+    step hands the rule a private copy of it ([Note: the fused backend leaves gradients intact]).
     """
-
-    @staticmethod
-    def scratch(grad: Tensor) -> Tensor:
-        """A fresh temporary: inside the compiled kernel it is a register, never stored."""
-        return torch.empty_like(grad)
 
     @staticmethod
     def add_(x: Tensor, y: Tensor, alpha: float | Tensor = 1.0) -> Tensor:
@@ -165,15 +167,30 @@ def _is_static(value: Any) -> bool:
     return value is None or isinstance(value, (bool, str))
 
 
-def _make_step(update: Callable[..., None], names: tuple[str, ...], static: dict[str, Any]) -> Callable[..., None]:
-    """Compile ``update`` for one configuration: ``step(packed_scalars, *flat_tensors)``."""
+def _make_step(
+    update: Callable[..., None],
+    names: tuple[str, ...],
+    static: dict[str, Any],
+    number_columns: tuple[int, ...],
+    gradient_is_output: bool,
+) -> Callable[..., None]:
+    """Compile ``update`` for one configuration: ``step(packed_scalars, *flat_tensors)``.
+
+    ``packed_scalars`` holds the named scalars, then one value per number column (per-tensor
+    scalars that travel among the tensors, e.g. StableAdamW's clipped learning rate).
+    """
     eager = {name: torch._dynamo.disable(fn) for name, fn in static.items() if callable(fn)}
     static = {**static, **eager}
 
-    def fused_step(packed: Tensor, param: Tensor, grad: Tensor, *rest: Tensor | None) -> None:
+    def fused_step(packed: Tensor, *columns: Tensor | None) -> None:
         scalars = {name: packed[i] for i, name in enumerate(names)}
-        # a private copy of the gradient: the rule may write it, the kernel never stores it
-        update(FUSED_OPS, param, grad.clone(), *rest, **scalars, **static)
+        args = list(columns)
+        for j, column in enumerate(number_columns):
+            args[column] = packed[len(names) + j]
+        if not gradient_is_output:
+            # a private copy of the gradient: the rule may write it, the kernel never stores it
+            args[1] = args[1].clone()
+        update(FUSED_OPS, *args, **scalars, **static)
 
     if _COMPILE_HAS_ISOLATION:
         options = dict(isolate_recompiles=True)
@@ -187,15 +204,16 @@ def _make_step(update: Callable[..., None], names: tuple[str, ...], static: dict
 
 def run_fused(
     update: Callable[..., None],
-    tensor_lists: Sequence[Sequence[Tensor | None]],
+    tensor_lists: Sequence[Sequence[Any]],
     scalars: dict[str, Any],
 ) -> None:
     """Run ``update`` once per tensor as a compiled, single-pass kernel ([Note: the fused backend]).
 
     ``tensor_lists`` are parallel lists (parameters first, Kahan buffers last, ``None`` for an
-    absent optional tensor); ``scalars`` are the update's keyword arguments. Numbers (and 0-d
-    tensors) become runtime inputs, ``bool``/``None``/``str``/callables are compile-time switches,
-    and a list or tuple holds one number per tensor.
+    absent optional tensor, or a column of numbers: one scalar per tensor); ``scalars`` are the
+    update's keyword arguments. Numbers (and 0-d tensors) become runtime inputs,
+    ``bool``/``None``/``str``/callables are compile-time switches, and a list or tuple holds one
+    number per tensor.
     """
     static = {k: v for k, v in scalars.items() if _is_static(v) or callable(v)}
     per_tensor = {k: v for k, v in scalars.items() if isinstance(v, (list, tuple))}
@@ -203,37 +221,40 @@ def run_fused(
     names = tuple(numbers) + tuple(per_tensor)
     static_key = tuple(sorted((k, v if _is_static(v) else id(v)) for k, v in static.items()))
     shared = [_as_float(v) for v in numbers.values()]
+    gradient_is_output = getattr(update, "gradient_is_output", False)
     packed_on: dict[torch.device, Tensor] = {}
 
     scalars = {k: v for k, v in scalars.items() if k not in per_tensor}
-    for index, tensors in enumerate(zip(*tensor_lists)):
-        param = tensors[0]
+    for index, row in enumerate(zip(*tensor_lists)):
+        param = row[0]
         if param.numel() == 0:
             continue
-        if not all(t is None or t.is_contiguous() for t in tensors):
+        tensors = [t for t in row if isinstance(t, Tensor)]
+        if not all(t.is_contiguous() for t in tensors):
             # a strided layout cannot be flattened to a view: run the same rule eagerly
-            update(TENSOR_OPS, *tensors, **scalars, **{k: v[index] for k, v in per_tensor.items()})
+            update(TENSOR_OPS, *row, **scalars, **{k: v[index] for k, v in per_tensor.items()})
             continue
+        number_columns = tuple(i for i, t in enumerate(row) if t is not None and not isinstance(t, Tensor))
         key = (
             update,
             param.device.type,
-            param.dtype,
-            tuple(t is None for t in tensors),
-            tuple(t.dtype for t in tensors if t is not None),
+            tuple(None if t is None else t.dtype if isinstance(t, Tensor) else "number" for t in row),
             static_key,
             names,
+            gradient_is_output,
         )
         step = _COMPILED.get(key)
         if step is None:
-            step = _COMPILED[key] = _make_step(update, names, static)
-        if per_tensor:
+            step = _COMPILED[key] = _make_step(update, names, static, number_columns, gradient_is_output)
+        if per_tensor or number_columns:
             values = shared + [_as_float(v[index]) for v in per_tensor.values()]
+            values += [_as_float(row[i]) for i in number_columns]
             packed = _pack(values, param.device)
         else:
             packed = packed_on.get(param.device)
             if packed is None:
                 packed = packed_on[param.device] = _pack(shared, param.device)
-        step(packed, *(None if t is None else t.detach().view(-1) for t in tensors))
+        step(packed, *(t.detach().view(-1) if isinstance(t, Tensor) else None for t in row))
 
 
 def _as_float(value: Any) -> float | Tensor:

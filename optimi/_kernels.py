@@ -50,6 +50,7 @@ __all__ = [
     "weight_decay_terms",
     "bucket_by_device_dtype",
     "run_update",
+    "gradient_is_output",
 ]
 
 
@@ -271,6 +272,16 @@ class ForeachOps:
 
 TENSOR_OPS = TensorOps()
 FOREACH_OPS = ForeachOps()
+
+
+def gradient_is_output(update: Callable[..., None]) -> Callable[..., None]:
+    """Mark an update rule that leaves a result in the gradient buffer for its caller to read.
+
+    Backends that otherwise keep the gradient read-only (the fused backend, see
+    [Note: the fused backend leaves gradients intact] in ``_fused.py``) then store it.
+    """
+    update.gradient_is_output = True  # type: ignore[attr-defined]
+    return update
 
 
 def update_target(param: Any, kahan_comp: Any) -> Any:

@@ -8,7 +8,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optimi._kernels import TENSOR_OPS, finish_update_, run_update, update_target, weight_decay_terms
+from optimi._kernels import (
+    TENSOR_OPS,
+    finish_update_,
+    gradient_is_output,
+    run_update,
+    update_target,
+    weight_decay_terms,
+)
 from optimi.optimizer import SHARED_ARGS_DOC, OptimiOptimizer, check_betas, check_range
 
 __all__ = ["StableAdamW", "stableadamw", "ReduceSums"]
@@ -201,6 +208,7 @@ def stableadamw(
     )
 
 
+@gradient_is_output  # the RMS reduction reads g^2 / max(v, eps^2) back from the gradient buffer
 def _stableadamw_moments(
     ops: Any,
     param: Any,
