@@ -2,6 +2,7 @@
 
 from optimi.adam import Adam
 from optimi.adamw import AdamW
+from optimi.gradient_release import prepare_for_gradient_release, remove_gradient_release
 from optimi.optimizer import OptimiOptimizer
 from optimi.sgd import SGD
 from optimi.utils import param_groups_weight_decay, to_low_precision
@@ -14,6 +15,8 @@ __all__ = [
     "OptimiOptimizer",
     "SGD",
     "param_groups_weight_decay",
+    "prepare_for_gradient_release",
+    "remove_gradient_release",
     "to_low_precision",
     "__version__",
 ]
