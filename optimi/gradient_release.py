@@ -153,6 +153,9 @@ def _release_hook(optimizer: OptimiOptimizer):
         # step_param reads the live param group ([Note: gradient release reads the live param group])
         optimizer.step_param(param)
         param.grad = None
+        # LR schedulers warn "lr_scheduler.step() before optimizer.step()" unless their wrapper
+        # of opt.step() set this flag; under release the steps happen here, inside backward
+        optimizer._opt_called = True
 
     return hook
 

@@ -2,7 +2,7 @@
 
     python scripts/bench_gradient_release.py grad-bytes     # peak live gradient bytes, small transformer
     python scripts/bench_gradient_release.py accumulation   # optimizer vs true gradient accumulation
-    python scripts/bench_gradient_release.py rss            # peak RSS, ~200 MiB of bf16 gradients
+    python scripts/bench_gradient_release.py rss --repeats 5   # peak RSS, ~200 MiB of bf16 gradients
 
 ``rss`` runs every mode in a fresh subprocess, because a process's peak RSS only ever grows.
 """
@@ -134,8 +134,10 @@ def accumulation() -> None:
     }
     print(f"{updates} updates of 4 micro-batches x 16 samples; MLP 32-64-64-8 regressing a noisy tanh teacher")
     print(f"held-out MSE at initialisation: {held_out_loss(student()):.4f}")
-    print("| optimizer | first update: relative difference | cosine | held-out MSE, true accumulation | "
-          "held-out MSE, optimizer accumulation |")
+    print(
+        "| optimizer | first update: relative difference | cosine | held-out MSE, true accumulation | "
+        "held-out MSE, optimizer accumulation |"
+    )
     print("|---|---|---|---|---|")
     for name, make in optimizers.items():
         true_model, true_update = train_accumulating(make, "true", updates)
@@ -179,21 +181,28 @@ def rss_child(mode: str, steps: int = 3) -> dict:
     return dict(mode=mode, setup_rss=setup_rss, peak_rss=peak, grad_bytes=grads, seconds=elapsed)
 
 
-def rss() -> None:
-    results = []
-    for mode in ("normal", "release", "release-lazy"):
-        out = subprocess.run(
-            [sys.executable, __file__, "rss-child", mode], check=True, capture_output=True, text=True
-        ).stdout
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    normal = results[0]["peak_rss"]
-    print(f"bf16 AdamW + Kahan, {results[0]['grad_bytes'] / MiB:.0f} MiB of gradients, 3 steps, batch 8")
-    print("| mode | RSS after setup | peak RSS | peak saved vs normal |")
-    print("|---|---|---|---|")
-    for r in results:
+def rss(repeats: int = 3) -> None:
+    results: dict[str, list[dict]] = {"normal": [], "release": [], "release-lazy": []}
+    for _ in range(repeats):  # modes interleaved, so that machine load hits them alike
+        for mode, runs in results.items():
+            out = subprocess.run(
+                [sys.executable, __file__, "rss-child", mode], check=True, capture_output=True, text=True
+            ).stdout
+            runs.append(json.loads(out.strip().splitlines()[-1]))
+    grads = results["normal"][0]["grad_bytes"]
+    normal = sorted(r["peak_rss"] for r in results["normal"])[repeats // 2]
+    print(f"bf16 AdamW + Kahan, {grads / MiB:.0f} MiB of gradients, 3 steps, batch 8; {repeats} processes per mode")
+    print(
+        "| mode | RSS after setup (median) | peak RSS (median) | peak RSS (min - max) | median peak saved vs normal |"
+    )
+    print("|---|---|---|---|---|")
+    for mode, runs in results.items():
+        setup = sorted(r["setup_rss"] for r in runs)[repeats // 2]
+        peaks = sorted(r["peak_rss"] for r in runs)
+        median = peaks[repeats // 2]
         print(
-            f"| {r['mode']} | {r['setup_rss'] / MiB:.0f} MiB | {r['peak_rss'] / MiB:.0f} MiB | "
-            f"{(normal - r['peak_rss']) / MiB:.0f} MiB |"
+            f"| {mode} | {setup / MiB:.0f} MiB | {median / MiB:.0f} MiB | "
+            f"{peaks[0] / MiB:.0f} - {peaks[-1] / MiB:.0f} MiB | {(normal - median) / MiB:.0f} MiB |"
         )
 
 
@@ -201,6 +210,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["grad-bytes", "accumulation", "rss", "rss-child"])
     parser.add_argument("mode", nargs="?", default="normal", help="rss-child only: normal|release|release-lazy")
+    parser.add_argument("--repeats", type=int, default=3, help="rss only: processes per mode")
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.what == "grad-bytes":
@@ -208,7 +218,7 @@ def main() -> None:
     elif args.what == "accumulation":
         accumulation()
     elif args.what == "rss":
-        rss()
+        rss(args.repeats)
     else:
         print(json.dumps(rss_child(args.mode)))
 
