@@ -107,9 +107,9 @@ def prepare_for_gradient_release(
         hooked = [name for name, p in trainable if p._post_accumulate_grad_hooks]
         if hooked:
             raise ValueError(
-                f"parameter(s) {_name_list(hooked)} already have post-accumulate-grad hooks; gradient release "
-                "frees the gradient in its own hook, so a later hook would see None. Pass "
-                "ignore_existing_hooks=True to install the release hooks anyway"
+                f"parameter(s) {_name_list(hooked)} already have post-accumulate-grad hooks: another integration "
+                "may already step or free these gradients, and gradient release steps and frees them too. Pass "
+                "ignore_existing_hooks=True to add the release hooks after the existing ones"
             )
 
     # [Note: state is allocated before the first backward]
