@@ -102,57 +102,107 @@ def _fma(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
     return a * b + c if _fma_prim is None else _fma_prim(a, b, c)
 
 
+#: Veltkamp's splitting constants 2**(24 - p) + 1: rounding a float32 to p significant bits
+_SPLIT = {torch.bfloat16: float(2**16 + 1), torch.float16: float(2**13 + 1)}
+
+
+def _round_to(value: Tensor, dtype: torch.dtype) -> Tensor:
+    """float32 ``value`` rounded to nearest in ``dtype``'s precision, still as float32.
+
+    Veltkamp splitting: ``t = v * (2**k + 1)``, then ``t - (t - v)`` keeps the top ``24 - k``
+    bits, rounded to nearest: three float32 operations that the compiler may not reassociate or
+    contract (Inductor builds its C++ without unsafe math and with ``-ffp-contract=off``).
+    Inductor drops an explicit ``.to(bf16).float()`` inside a fused kernel, which is why the
+    rounding is arithmetic ([Note: fused numerics]).
+    """
+    split = value * _SPLIT[dtype]
+    return split - (split - value)
+
+
 class FusedOps(TensorOps):
     """:class:`TensorOps` for code compiled by ``torch.compile`` (see [Note: fused numerics]).
 
-    Scalars arrive as 0-d float64 tensors; each primitive converts them and rounds like the eager
-    kernel that receives a Python scalar. ``scratch(grad)`` is still the gradient, but the fused
-    step hands the rule a private copy of it ([Note: the fused backend leaves gradients intact]).
+    Scalars arrive as 0-d float64 tensors; each primitive converts them as the eager kernel
+    converts a Python scalar and computes in float32 for bf16/fp16 tensors. With ``round_stores``
+    each result written into a bf16/fp16 tensor is rounded to that dtype inside the kernel, so a
+    later primitive reading it sees what eager would have stored (Inductor otherwise keeps the
+    float32 value); without it the compiler is asked to emulate eager's casts instead.
+    ``scratch(grad)`` is still the gradient, but the fused step hands the rule a private copy of it
+    ([Note: the fused backend leaves gradients intact]).
     """
 
-    @staticmethod
-    def add_(x: Tensor, y: Tensor, alpha: float | Tensor = 1.0) -> Tensor:
-        if isinstance(alpha, Tensor):
-            alpha = alpha.to(_opmath(x).dtype)
-            if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu":
-                # eager's CPU kernel rounds alpha to the tensor's dtype for bf16/fp16 ...
-                return x.copy_(_opmath(x) + _opmath(y) * alpha.to(x.dtype).float())
-            # ... and computes x + alpha * y as one fused multiply-add otherwise
-            return x.copy_(_fma(_opmath(y), alpha, _opmath(x)))
-        return x.add_(y, alpha=alpha)
+    def __init__(self, round_stores: bool):
+        self.round_stores = round_stores
 
-    @staticmethod
-    def add_scalar_(x: Tensor, value: float | Tensor) -> Tensor:
-        return x.copy_(_opmath(x) + _scalar(value, x))
+    def _store(self, x: Tensor, value: Tensor) -> Tensor:
+        if self.round_stores and x.dtype in _SPLIT:
+            value = _round_to(value, x.dtype)
+        return x.copy_(value)
 
-    @staticmethod
-    def mul_(x: Tensor, value: float | Tensor) -> Tensor:
-        return x.copy_(_opmath(x) * _scalar(value, x))
+    def copy_(self, dst: Tensor, src: Tensor) -> Tensor:
+        return self._store(dst, _opmath(src))
 
-    @staticmethod
-    def div_(x: Tensor, value: float | Tensor) -> Tensor:
-        return x.copy_(_opmath(x) / _scalar(value, x))
+    def add_(self, x: Tensor, y: Tensor, alpha: float | Tensor = 1.0) -> Tensor:
+        if not isinstance(alpha, Tensor):
+            if alpha == 1:
+                return self._store(x, _opmath(x) + _opmath(y))
+            alpha = torch.full((), float(alpha), dtype=torch.float64, device=x.device)
+        alpha = alpha.to(_opmath(x).dtype)
+        if x.dtype in _LOW_PRECISION and x.device.type == "cpu":
+            # eager's CPU kernel rounds alpha to the tensor's dtype for bf16/fp16 ...
+            return self._store(x, _opmath(x) + _opmath(y) * alpha.to(x.dtype).float())
+        # ... and computes x + alpha * y as one fused multiply-add otherwise
+        return self._store(x, _fma(_opmath(y), alpha, _opmath(x)))
 
-    @staticmethod
-    def lerp_(x: Tensor, y: Tensor, weight: float | Tensor) -> Tensor:
-        if isinstance(weight, Tensor):
-            return x.copy_(torch.lerp(_opmath(x), _opmath(y), weight.to(_opmath(x).dtype)))
-        return x.lerp_(y, weight)
+    def add_scalar_(self, x: Tensor, value: float | Tensor) -> Tensor:
+        return self._store(x, _opmath(x) + _scalar(value, x))
 
-    @staticmethod
-    def addcmul_(x: Tensor, a: Tensor, b: Tensor, value: float | Tensor = 1.0) -> Tensor:
-        if isinstance(value, Tensor):
-            return x.copy_(_opmath(x) + value * _opmath(a) * _opmath(b))
-        return x.addcmul_(a, b, value=value)
+    def sub_(self, x: Tensor, y: Tensor) -> Tensor:
+        return self._store(x, _opmath(x) - _opmath(y))
 
-    @staticmethod
-    def addcdiv_(x: Tensor, a: Tensor, b: Tensor, value: float | Tensor = 1.0) -> Tensor:
-        if isinstance(value, Tensor):
-            return x.copy_(_opmath(x) + value * _opmath(a) / _opmath(b))
-        return x.addcdiv_(a, b, value=value)
+    def mul_(self, x: Tensor, value: float | Tensor) -> Tensor:
+        return self._store(x, _opmath(x) * _scalar(value, x))
+
+    def div_(self, x: Tensor, value: float | Tensor) -> Tensor:
+        return self._store(x, _opmath(x) / _scalar(value, x))
+
+    def mul_tensor_(self, x: Tensor, y: Tensor) -> Tensor:
+        return self._store(x, _opmath(x) * _opmath(y))
+
+    def div_tensor_(self, x: Tensor, y: Tensor) -> Tensor:
+        return self._store(x, _opmath(x) / _opmath(y))
+
+    def lerp_(self, x: Tensor, y: Tensor, weight: float | Tensor) -> Tensor:
+        return self._store(x, torch.lerp(_opmath(x), _opmath(y), _scalar(weight, x)))
+
+    def addcmul_(self, x: Tensor, a: Tensor, b: Tensor, value: float | Tensor = 1.0) -> Tensor:
+        return self._store(x, _opmath(x) + _scalar(value, x) * _opmath(a) * _opmath(b))
+
+    def addcdiv_(self, x: Tensor, a: Tensor, b: Tensor, value: float | Tensor = 1.0) -> Tensor:
+        return self._store(x, _opmath(x) + _scalar(value, x) * _opmath(a) / _opmath(b))
+
+    def sqrt_(self, x: Tensor) -> Tensor:
+        return self._store(x, _opmath(x).sqrt())
+
+    def sign_(self, x: Tensor) -> Tensor:
+        return self._store(x, _opmath(x).sign())
+
+    def abs_(self, x: Tensor) -> Tensor:
+        return self._store(x, _opmath(x).abs())
+
+    def clamp_min_(self, x: Tensor, value: float | Tensor) -> Tensor:
+        return self._store(x, _opmath(x).clamp_min(_scalar(value, x)))
+
+    def clamp_min(self, x: Tensor, value: float | Tensor) -> Tensor:
+        result = _opmath(x).clamp_min(_scalar(value, x))
+        if self.round_stores and x.dtype in _SPLIT:
+            result = _round_to(result, x.dtype)
+        return result.to(x.dtype)
 
 
-FUSED_OPS = FusedOps()
+#: CPU: explicit rounding, Inductor's casts not emulated; CUDA: Triton contracts ``a * b - c`` into
+#: a fused multiply-add, which would defeat the splitting, so Inductor emulates the casts there
+FUSED_OPS = {"cpu": FusedOps(round_stores=True), "cuda": FusedOps(round_stores=False)}
 
 # (update, device type, dtype, None pattern, static switches, scalar names) -> compiled step
 _COMPILED: dict[tuple, Callable[..., None]] = {}
@@ -188,12 +238,14 @@ def _make_step(
     static: dict[str, Any],
     number_columns: tuple[int, ...],
     gradient_is_output: bool,
+    device_type: str,
 ) -> Callable[..., None]:
     """Compile ``update`` for one configuration: ``step(packed_scalars, *flat_tensors)``.
 
     ``packed_scalars`` holds the named scalars, then one value per number column (per-tensor
     scalars that travel among the tensors, e.g. StableAdamW's clipped learning rate).
     """
+    ops = FUSED_OPS["cpu" if device_type == "cpu" else "cuda"]
     eager = {name: torch._dynamo.disable(fn) for name, fn in static.items() if callable(fn)}
     static = {**static, **eager}
 
@@ -206,7 +258,7 @@ def _make_step(
             # a private float32 copy of the gradient: the rule's temporaries live there unrounded
             # and the kernel never stores it ([Note: fused numerics])
             args[1] = args[1].float() if args[1].dtype in _LOW_PRECISION else args[1].clone()
-        update(FUSED_OPS, *args, **scalars, **static)
+        update(ops, *args, **scalars, **static)
 
     if _COMPILE_HAS_ISOLATION:
         options = dict(isolate_recompiles=True)
@@ -215,7 +267,8 @@ def _make_step(
         fused_step.__code__ = fused_step.__code__.replace()
         options = {}
     # emulate_precision_casts: bf16 tensors round where eager rounds ([Note: fused numerics])
-    return torch.compile(fused_step, dynamic=True, options={"emulate_precision_casts": True}, **options)
+    emulate = not ops.round_stores
+    return torch.compile(fused_step, dynamic=True, options={"emulate_precision_casts": emulate}, **options)
 
 
 def run_fused(
@@ -261,7 +314,9 @@ def run_fused(
         )
         step = _COMPILED.get(key)
         if step is None:
-            step = _COMPILED[key] = _make_step(update, names, static, number_columns, gradient_is_output)
+            step = _COMPILED[key] = _make_step(
+                update, names, static, number_columns, gradient_is_output, param.device.type
+            )
         if per_tensor or number_columns:
             values = shared + [_as_float(v[index]) for v in per_tensor.values()]
             values += [_as_float(row[i]) for i in number_columns]
@@ -270,7 +325,16 @@ def run_fused(
             packed = packed_on.get(param.device)
             if packed is None:
                 packed = packed_on[param.device] = _pack(shared, param.device)
-        step(packed, *(t.detach().view(-1) if isinstance(t, Tensor) else None for t in row))
+        step(packed, *(_flat(t) if isinstance(t, Tensor) else None for t in row))
+
+
+def _flat(tensor: Tensor) -> Tensor:
+    """A 1-D tensor over ``tensor``'s (contiguous) memory that is not a view of it.
+
+    A view would carry its base's shape into Dynamo's guards (one compile per parameter rank).
+    """
+    flat = tensor.new_empty(0)
+    return flat.set_(tensor.untyped_storage(), tensor.storage_offset(), (tensor.numel(),), (1,))
 
 
 def _as_float(value: Any) -> float | Tensor:

@@ -206,3 +206,26 @@ def test_triton_flag_on_cpu_is_a_clear_error():
         pytest.skip("CUDA is available: triton=True is valid here (tests/test_cuda.py)")
     with pytest.raises(ValueError, match="triton"):
         optimi.AdamW(make_params(), lr=1e-3, triton=True)
+
+
+def test_fused_under_gradient_release_matches_step_loop():
+    """Gradient release (one fused call per parameter, inside backward) equals a for-loop step loop."""
+    results = []
+    for release in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8))
+        backend = dict(fused=True, gradient_release=True) if release else dict(foreach=False)
+        optimizer = optimi.AdamW(model.parameters(), lr=1e-2, **backend)
+        if release:
+            optimi.prepare_for_gradient_release(model, optimizer)
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            inputs = torch.randn(4, 16, generator=generator)
+            model(inputs).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        if release:
+            assert all(p.grad is None for p in model.parameters())
+            optimi.remove_gradient_release(model)
+        results.append(list(model.parameters()))
+    assert max_relative_error(*results) <= FP32_TOLERANCE
