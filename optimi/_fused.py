@@ -34,24 +34,27 @@ Inductor folds into the loads): ``scratch(grad)`` and every write to the gradien
 temporary, and the compiled kernel never writes ``p.grad``.
 
 [Note: fused numerics]
-Eager PyTorch computes each bf16/fp16 op in float32 and rounds its result once. Inductor would
-keep a fused chain of ops in float32 and round only the final store, which also drops the
-rounding Kahan summation depends on (``p_new - p_old`` must be taken from the stored, rounded
-``p_new``). So the fused step compiles with ``emulate_precision_casts``: every value that lives in
-a bf16 tensor (parameter, states, Kahan buffer) is rounded where eager rounds it, and the Kahan
-bookkeeping is exact. :class:`FusedOps` converts its scalars (0-d float64 tensors) exactly as
-the eager kernels convert a Python scalar, and adds with an ``alpha`` the way each device's
-eager kernel does (one fused multiply-add, or on CPU bf16 a bf16-rounded ``alpha``).
+Eager PyTorch computes each bf16/fp16 op in float32 and rounds its result once. Inductor keeps a
+fused chain of ops in float32 and rounds only the final store, dropping even an explicit
+``.to(bf16).float()``. That would also drop the rounding Kahan summation depends on
+(``p_new - p_old`` must be taken from the stored, rounded ``p_new``). So every primitive of
+:class:`FusedOps` that writes a bf16/fp16 tensor rounds its result to that dtype in the kernel:
+on CPU with Veltkamp splitting (three float32 operations that Inductor keeps, see
+:func:`_round_to`), on CUDA through Inductor's ``emulate_precision_casts`` (Triton contracts
+multiply-adds, which would defeat the splitting; the casts are cheap there). Scalars (0-d
+float64 tensors) are converted exactly as the eager kernels convert a Python scalar, and an add
+with ``alpha`` is computed the way each device's eager kernel computes it (one fused multiply-add,
+or on CPU bf16 a bf16-rounded ``alpha``). The parameter, moments and Kahan buffer therefore
+follow eager's roundings and the Kahan bookkeeping is exact.
 
-Two deliberate differences remain. The rule's temporaries live in a float32 copy of the
-gradient rather than in the bf16 gradient buffer: each emulated rounding costs instructions, and
-rounding the temporaries (the Adam denominator, the Kahan scratch) would make the bf16 step about
-2.5x slower on the CPUs we measured, while leaving them unrounded is more accurate. Rules that
-put an intermediate into the gradient buffer before a state reads it (Adam/RAdam's L2 term, Lion's
-``g - m``) therefore round once where the for-loop rounds twice. And the two compilers may order
-float32 arithmetic differently (fp32 results agree to ~1e-7 relative). Measured per step from the
-same state (``tests/test_fused.py``): fp32 runs agree to 1e-6 relative; bf16+Kahan agrees to one
-ulp on >= 99.9% of elements (mostly bit-identical), 99.7% for Adam/RAdam with L2 and Lion.
+Two deliberate differences remain. The rule's temporaries live in a float32 copy of the gradient
+rather than in the bf16 gradient buffer: rounding them (the Adam denominator, the Kahan scratch)
+costs instructions in a kernel that should be memory-bound, and leaving them unrounded is more
+accurate. Rules that put an intermediate into the gradient buffer before a state reads it
+(Adam/RAdam's L2 term, Lion's ``g - m``) therefore round once where the for-loop rounds twice.
+And the compilers may order float32 arithmetic differently. Measured per step from the same
+state (``tests/test_fused.py``): fp32 agrees to 1e-6 relative over whole runs; bf16+Kahan agrees
+to one ulp on >= 99.98% of elements (mostly bit-identical), 99.7% for Adam/RAdam with L2 and Lion.
 
 [Note: reductions and collectives]
 An update rule may reduce over its tensor (``ops.sum``): Inductor then emits a reduction kernel
@@ -73,7 +76,7 @@ from torch import Tensor
 
 from optimi._kernels import TENSOR_OPS, TensorOps
 
-__all__ = ["FusedOps", "FUSED_OPS", "run_fused", "compiled_configurations", "fused_supported"]
+__all__ = ["FusedOps", "FUSED_OPS", "run_fused", "compiled_configurations"]
 
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -215,18 +218,6 @@ def compiled_configurations() -> int:
     return len(_COMPILED)
 
 
-def fused_supported(device: torch.device) -> str | None:
-    """``None`` when the fused backend can run on ``device``, else the reason it cannot."""
-    if not hasattr(torch, "compile"):
-        return "this PyTorch has no torch.compile"
-    if device.type == "cuda":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return "the fused backend on CUDA needs Triton (pip install triton)"
-    return None
-
-
 def _is_static(value: Any) -> bool:
     """Values that select the structure of the update and are baked into the compiled code."""
     return value is None or isinstance(value, (bool, str))
@@ -266,7 +257,7 @@ def _make_step(
         # older torch: a private code object gives this configuration its own recompile budget
         fused_step.__code__ = fused_step.__code__.replace()
         options = {}
-    # emulate_precision_casts: bf16 tensors round where eager rounds ([Note: fused numerics])
+    # CUDA: bf16 tensors round where eager rounds through Inductor's casts ([Note: fused numerics])
     emulate = not ops.round_stores
     return torch.compile(fused_step, dynamic=True, options={"emulate_precision_casts": emulate}, **options)
 
