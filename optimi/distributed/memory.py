@@ -51,7 +51,8 @@ class TensorBytes:
     grads: int
     #: every tensor in the optimizer state (moments, slow weights, Kahan buffers)
     optimizer_states: int
-    #: the Kahan compensation buffers alone (already included in ``optimizer_states``)
+    #: the Kahan compensation buffers alone (state keys ending in ``_comp``; included in
+    #: ``optimizer_states``)
     kahan: int
     #: number of parameter elements this rank holds
     param_numel: int
@@ -170,7 +171,7 @@ def count_tensors(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> 
                 if isinstance(value, Tensor):
                     nbytes = local_nbytes(value)
                     state_bytes += nbytes
-                    if key == "kahan_comp":
+                    if key.endswith("_comp"):  # kahan_comp, and Ranger's slow-weight slow_comp
                         kahan_bytes += nbytes
     return TensorBytes(
         params=param_bytes,

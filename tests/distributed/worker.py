@@ -219,9 +219,10 @@ def scenario_fsdp() -> dict[str, Any]:
             "param_bytes_per_rank": [r.params for r in report.ranks],
             "ref_state_bytes": state_bytes(ref_opt),
             "ref_kahan_bytes": sum(
-                s["kahan_comp"].numel() * s["kahan_comp"].element_size()
-                for s in ref_opt.state.values()
-                if "kahan_comp" in s
+                v.numel() * v.element_size()
+                for st in ref_opt.state.values()
+                for k, v in st.items()
+                if k.endswith("_comp")
             ),
             "ref_param_bytes": sum(t.numel() * t.element_size() for t in ref.values()),
         }
@@ -229,6 +230,31 @@ def scenario_fsdp() -> dict[str, Any]:
             remove_gradient_release(model)
             entry["release_flag_after_remove"] = opt._gradient_release_active
         results[label] = entry
+
+    # StableAdamW's per-tensor RMS clipping must see whole tensors: a gradient spike makes it clip;
+    # the same run with the cross-shard reduction switched off shows the check can fail
+    if hasattr(optimi, "StableAdamW"):
+        from optimi.distributed import _dtensor
+
+        case = next(c for c in optimizer_cases() if c.name == "stableadamw")
+        data = make_data(STEPS, 1, torch.float32)
+        for x, y in data[3]:
+            x.mul_(30)
+            y.mul_(30)
+        for reduce in (True, False):
+            init = fresh_init(torch.float32)
+            ref, _ = reference_params(init, case, data, torch.float32)
+            model = sharded_net(init, torch.float32)
+            opt = case.build(model.parameters(), gradient_release=True, **case.kwargs)
+            prepare_gradient_release(model, opt)
+            original = _dtensor.make_reduce_sums
+            if not reduce:
+                _dtensor.make_reduce_sums = lambda params: lambda sums, counts: (sums, counts)
+            try:
+                train(model, opt, data, rows=rows, release=True)
+            finally:
+                _dtensor.make_reduce_sums = original
+            results[f"stableadamw/spike/reduce={reduce}"] = rel_err(full_params(model), ref)
 
     # mixed precision: release must do exactly what a normal step does (bf16 compute differs from fp32)
     results["mixed_precision_release_vs_step"] = rel_err(
