@@ -282,7 +282,7 @@ class OptimiOptimizer(Optimizer):
         Sharded parameters (FSDP2's DTensors) are stepped on their local shards so that the kernels
         only ever see plain tensors; ``optimi.distributed`` is imported only when one shows up.
         """
-        if any(type(p) not in _PLAIN_TENSOR_TYPES for p in params):
+        if torch.distributed.is_available() and any(type(p) not in _PLAIN_TENSOR_TYPES for p in params):
             from optimi.distributed._dtensor import step_local
 
             step_local(self, group, params, grads, states, step=step, accumulate=accumulate, backend=backend)
