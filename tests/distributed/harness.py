@@ -27,7 +27,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_ranks(scenario: str, world_size: int = 2, timeout: float = 150.0) -> list[dict[str, Any]]:
+def run_ranks(scenario: str, world_size: int = 2, timeout: float = 300.0) -> list[dict[str, Any]]:
     """Run ``scenario`` of ``tests/distributed/worker.py`` on ``world_size`` gloo ranks."""
     port = free_port()
     with tempfile.TemporaryDirectory() as out:

@@ -78,6 +78,12 @@ def test_fsdp2_bf16_kahan_normal_step_close(fsdp):
     assert fsdp[0]["sgd_momentum/bf16_kahan/step"]["rel_err"] <= BF16_RTOL
 
 
+def test_fsdp2_normal_step_foreach_backend(fsdp):
+    assert fsdp[0]["adamw_foreach/fp32/step"]["rel_err"] <= FP32_RTOL
+    assert fsdp[0]["adamw_foreach/bf16_kahan/step"]["rel_err"] <= BF16_RTOL
+    assert fsdp[0]["adamw_foreach/bf16_kahan/step"]["state_sharded"]
+
+
 @pytest.mark.skipif(not hasattr(optimi, "StableAdamW"), reason="optimi.StableAdamW not available")
 def test_fsdp2_stableadamw_rms_covers_whole_tensors(fsdp):
     # with a gradient spike StableAdamW clips; N shards clip like one tensor only with the reduction

@@ -192,6 +192,10 @@ def scenario_fsdp() -> dict[str, Any]:
     for case in optimizer_cases():
         runs.append((f"{case.name}/bf16_kahan/release_accum", case, torch.bfloat16, "release_accum", None))
     runs.append((f"{sgd.name}/bf16_kahan/step", sgd, torch.bfloat16, "step", None))
+    # the foreach backend steps whole groups of local shards at once (normal opt.step())
+    foreach = OptCase("adamw_foreach", optimi.AdamW, dict(lr=1e-2, weight_decay=1e-2, foreach=True))
+    runs.append(("adamw_foreach/fp32/step", foreach, torch.float32, "step", None))
+    runs.append(("adamw_foreach/bf16_kahan/step", foreach, torch.bfloat16, "step", None))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     runs.append((f"{adamw.name}/mixed_precision/release", adamw, torch.float32, "release", mp))
     runs.append((f"{adamw.name}/mixed_precision/step", adamw, torch.float32, "step", mp))
