@@ -143,14 +143,8 @@ def worker(setup_key: str, parallel: str) -> None:
     track_gradient_peak(model)
     opt = optimi.AdamW(model.parameters(), lr=1e-4, gradient_release=setup.release)
     if setup.release:
-        if parallel == "fsdp2":
-            optimi_prepare = optimi.distributed.prepare_gradient_release
-        elif hasattr(optimi, "prepare_for_gradient_release"):
-            optimi_prepare = optimi.prepare_for_gradient_release
-        else:  # before optimi/gradient_release.py exists: the same hooks, written out
-            optimi_prepare = _release_hooks
         # the sampling hooks of track_gradient_peak run first and see each gradient before release frees it
-        optimi_prepare(model, opt, ignore_existing_hooks=True)
+        optimi.prepare_for_gradient_release(model, opt, ignore_existing_hooks=True)
     else:
         for group in opt.param_groups:  # allocate state up front here too, for a like-for-like RSS
             for param in group["params"]:
@@ -195,20 +189,6 @@ def worker(setup_key: str, parallel: str) -> None:
         dist.destroy_process_group()
     else:
         print("BASELINES " + json.dumps([baseline]), flush=True)
-
-
-def _release_hooks(model, opt, ignore_existing_hooks: bool = True) -> None:
-    """Single-process gradient release as ``optimi.prepare_for_gradient_release`` does it."""
-    for param in model.parameters():
-        opt.init_param_state(param, opt.group_of(param))
-
-    def hook(param) -> None:
-        opt.step_param(param)
-        param.grad = None
-
-    for param in model.parameters():
-        param.register_post_accumulate_grad_hook(hook)
-    opt._gradient_release_active = True
 
 
 # glibc: return freed blocks of >= 64 KiB to the OS at once. By default glibc raises its mmap

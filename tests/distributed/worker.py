@@ -23,7 +23,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 import optimi
-from optimi.distributed import memory_report, prepare_gradient_release, remove_gradient_release
+from optimi import prepare_for_gradient_release, remove_gradient_release
+from optimi.distributed import memory_report
 from optimi.distributed.memory import track_gradient_peak
 
 GLOBAL_BATCH = 8
@@ -210,7 +211,7 @@ def scenario_fsdp() -> dict[str, Any]:
         release = mode.startswith("release")
         opt = case.build(model.parameters(), gradient_release=release, **case.kwargs)
         if release:
-            prepare_gradient_release(model, opt)
+            prepare_for_gradient_release(model, opt)
         train(model, opt, data, rows=rows, release=release)
         report = memory_report(model, opt)
         finals[label] = full_params(model)
@@ -250,7 +251,7 @@ def scenario_fsdp() -> dict[str, Any]:
             ref, _ = reference_params(init, case, data, torch.float32)
             model = sharded_net(init, torch.float32)
             opt = case.build(model.parameters(), gradient_release=True, **case.kwargs)
-            prepare_gradient_release(model, opt)
+            prepare_for_gradient_release(model, opt)
             original = _dtensor.make_reduce_sums
             if not reduce:
                 _dtensor.make_reduce_sums = lambda params: lambda sums, counts: (sums, counts)
@@ -268,7 +269,7 @@ def scenario_fsdp() -> dict[str, Any]:
     # state allocated at prepare time, before any backward, already sharded
     model = sharded_net(fresh_init(torch.float32), torch.float32)
     opt = optimi.AdamW(model.parameters(), lr=1e-2, gradient_release=True)
-    prepare_gradient_release(model, opt)
+    prepare_for_gradient_release(model, opt)
     results["state_up_front"] = len(opt.state) == len(list(model.parameters())) and state_is_sharded_like_params(opt)
     # gradient sync off would skip the reduce-scatter: refused
     model.set_requires_gradient_sync(False)
@@ -345,7 +346,7 @@ def scenario_ddp() -> dict[str, Any]:
         ref, _ = reference_params(init, case, data, dtype)
         model = ddp_net(init, dtype, **ddp_kwargs)
         opt = case.build(model.parameters(), gradient_release=True, **case.kwargs)
-        prepare_gradient_release(model, opt)
+        prepare_for_gradient_release(model, opt)
         train(model, opt, data, rows=rows, release=True)
         results[label] = {
             "rel_err": rel_err({n: p.detach() for n, p in model.module.named_parameters()}, ref),
@@ -362,7 +363,7 @@ def scenario_ddp() -> dict[str, Any]:
         ref, _ = reference_params(init, sgd, data, torch.float32)
         model = ddp_net(init, torch.float32, gradient_as_bucket_view=bucket_view)
         opt = sgd.build(model.parameters(), gradient_release=True, **sgd.kwargs)
-        prepare_gradient_release(model, opt)
+        prepare_for_gradient_release(model, opt)
 
         def switch(step: int, model: nn.Module = model) -> None:
             if step == 3:
@@ -377,7 +378,7 @@ def scenario_ddp() -> dict[str, Any]:
     # no_sync() would skip the all-reduce: refused while release is active
     model = ddp_net(fresh_init(torch.float32), torch.float32)
     opt = adamw.build(model.parameters(), gradient_release=True, **adamw.kwargs)
-    prepare_gradient_release(model, opt)
+    prepare_for_gradient_release(model, opt)
     try:
         with model.no_sync():
             model(torch.randn(2, 12))
@@ -391,7 +392,7 @@ def scenario_ddp() -> dict[str, Any]:
     model.register_comm_hook(None, default_hooks.allreduce_hook)
     opt = adamw.build(model.parameters(), gradient_release=True, **adamw.kwargs)
     try:
-        prepare_gradient_release(model, opt)
+        prepare_for_gradient_release(model, opt)
         results["user_hook_refused"] = False
     except ValueError as error:
         results["user_hook_refused"] = "communication hook" in str(error)
@@ -416,7 +417,7 @@ def scenario_memory() -> dict[str, Any]:
             tracker = track_gradient_peak(model)
             opt = optimi.AdamW(model.parameters(), lr=1e-2, gradient_release=release)
             if release:
-                prepare_gradient_release(model, opt)
+                prepare_for_gradient_release(model, opt)
             for i, micro_batches in enumerate(data):
                 if i == 1:
                     tracker.reset()  # DDP rebuilds its buckets (first bucket: 1 MiB) after iteration 1
