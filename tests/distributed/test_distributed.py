@@ -111,6 +111,10 @@ def test_fsdp2_state_is_sharded(fsdp, name):
     assert entry["release_flag_after_remove"] is False
 
 
+def test_fsdp2_remove_release_restores_normal_steps(fsdp):
+    assert fsdp[0]["remove_then_step"] <= FP32_RTOL
+
+
 def test_fsdp2_release_details(fsdp):
     for rank in fsdp:
         assert rank["state_up_front"]  # allocated (sharded) by prepare, before any backward

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import optimi
+from optimi.distributed import memory as memory_module
 from optimi.distributed import memory_report, prepare_gradient_release
 from optimi.distributed.memory import RankMemory, count_tensors, register_memory_accountant, track_gradient_peak
 
@@ -59,7 +60,10 @@ def test_report_without_optimizer_and_custom_accountant():
         return type(counts)(counts.params, 123, counts.optimizer_states, counts.kahan, counts.param_numel)
 
     register_memory_accountant(lambda m: isinstance(m, Engine), account)
-    rank = memory_report(Engine(model)).ranks[0]
+    try:
+        rank = memory_report(Engine(model)).ranks[0]
+    finally:
+        memory_module._ACCOUNTANTS.pop(0)  # do not leak the test's accountant into other tests
     assert isinstance(rank, RankMemory) and rank.grads == 123 and rank.params == 4 * _numel(model)
 
 

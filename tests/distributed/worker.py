@@ -261,6 +261,23 @@ def scenario_fsdp() -> dict[str, Any]:
                 _dtensor.make_reduce_sums = original
             results[f"stableadamw/spike/reduce={reduce}"] = rel_err(full_params(model), ref)
 
+    # release for 3 steps, then remove it and continue with normal steps (SGD: no debiasing, see
+    # the DDP variant below)
+    sgd_case = optimizer_cases()[1]
+    data = make_data(STEPS, 1, torch.float32)
+    init = fresh_init(torch.float32)
+    ref, _ = reference_params(init, sgd_case, data, torch.float32)
+    model = sharded_net(init, torch.float32)
+    opt = sgd_case.build(model.parameters(), gradient_release=True, **sgd_case.kwargs)
+    prepare_for_gradient_release(model, opt)
+
+    def switch(step: int, model: nn.Module = model) -> None:
+        if step == 3:
+            remove_gradient_release(model)
+
+    train(model, opt, data, rows=rows, release=True, on_step=switch)
+    results["remove_then_step"] = rel_err(full_params(model), ref)
+
     # mixed precision: release must do exactly what a normal step does (bf16 compute differs from fp32)
     results["mixed_precision_release_vs_step"] = rel_err(
         finals[f"{adamw.name}/mixed_precision/release"], finals[f"{adamw.name}/mixed_precision/step"]
