@@ -222,6 +222,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# load average at start: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}")
     sys.stdout.flush()
 
+    print()
+    print(
+        "| optimizer | dtype | implementation | ms/step | bytes/elem | GB/s | % bw | vs for-loop | first step s "
+        "| bw GB/s |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    sys.stdout.flush()
     rows, bandwidths, copies = [], [], []
     for name in names:
         builders = implementations(name, dtypes, backends, args, device)
@@ -252,10 +259,22 @@ def main(argv: list[str] | None = None) -> int:
                 impl.samples.append(time_steps(impl, inner, device))
         bandwidth = statistics.median(local_bw)
         bandwidths.extend(local_bw)
+        block = []
         for impl in impls:
             seconds = statistics.median(impl.samples)
             gbps = impl.bytes_per_element * args.numel / seconds / 1e9
-            rows.append((name, impl, seconds, gbps, 100 * gbps / bandwidth))
+            block.append((name, impl, seconds, gbps, 100 * gbps / bandwidth))
+        for _, impl, seconds, gbps, percent in block:
+            loop = next(
+                (s for _, i, s, _, _ in block if i.dtype_name == impl.dtype_name and "for-loop" in i.name), None
+            )
+            ratio = f"{loop / seconds:.2f}x" if loop else "-"
+            print(
+                f"| {name} | {impl.dtype_name} | {impl.name} | {seconds * 1e3:.2f} | {impl.bytes_per_element} | "
+                f"{gbps:.1f} | {percent:.0f}% | {ratio} | {impl.first_step_s:.2f} | {bandwidth:.1f} |"
+            )
+        sys.stdout.flush()
+        rows.extend(block)
         print(f"# {name}: done (in-place add bandwidth {bandwidth:.1f} GB/s)", file=sys.stderr)
         del impls, probe, copy_run
         gc.collect()
@@ -263,25 +282,12 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
 
     load_after = os.getloadavg()
+    print()
     print(
         f"# memory bandwidth, in-place add a += b: median {statistics.median(bandwidths):.1f} GB/s "
         f"(range {min(bandwidths):.1f}-{max(bandwidths):.1f}); copy: median {statistics.median(copies):.1f} GB/s"
     )
     print(f"# load average at end: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
-    print()
-    print("| optimizer | dtype | implementation | ms/step | bytes/elem | GB/s | % bw | vs for-loop | first step s |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
-    for name, impl, seconds, gbps, percent in rows:
-        loop = next(
-            (s for n, i, s, _, _ in rows if n == name and i.dtype_name == impl.dtype_name and "for-loop" in i.name),
-            None,
-        )
-        ratio = f"{loop / seconds:.2f}x" if loop else "-"
-        dtype = "bf16" if impl.dtype_name == "bf16" else "fp32"
-        print(
-            f"| {name} | {dtype} | {impl.name} | {seconds * 1e3:.2f} | {impl.bytes_per_element} | {gbps:.1f} | "
-            f"{percent:.0f}% | {ratio} | {impl.first_step_s:.2f} |"
-        )
 
     def find(name: str, label: str) -> float | None:
         return next((s for n, i, s, _, _ in rows if n == name and i.name == label), None)
