@@ -18,8 +18,7 @@ start=$SECONDS
 stage() { echo; echo "=== $1 ($((SECONDS - start)) s elapsed)"; }
 
 stage "versions" | tee "$OUT/versions.txt"
-python -c 'import torch,triton; print("torch", torch.__version__, "| triton", triton.__version__, "| cuda", torch.version.cuda, "|", torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device")' 2>&1 | tee -a "$OUT/versions.txt" \
-    || python -c 'import torch; print("torch", torch.__version__, "(Triton missing: the fused CUDA path cannot run)")' 2>&1 | tee -a "$OUT/versions.txt"
+python -c 'import torch,triton; print("torch", torch.__version__, "| triton", triton.__version__, "| cuda", torch.version.cuda, "|", torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device")' 2>&1 | tee -a "$OUT/versions.txt"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv 2>&1 | tee -a "$OUT/versions.txt"
 
 if ! python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
