@@ -93,7 +93,7 @@ def _triton_available() -> bool:
 
 #: a param group needs this many elements before ``None`` flags pick the fused backend: below it
 #: the one-time compile (seconds) is not paid back by faster steps (see docs/backends.md)
-FUSED_MIN_ELEMENTS = 1 << 20
+FUSED_MIN_ELEMENTS = 1 << 22
 #: on CUDA each tensor also needs this many elements on average: the fused backend launches one
 #: kernel per tensor, foreach a handful per group, so many small tensors favour foreach
 FUSED_MIN_ELEMENTS_PER_TENSOR_CUDA = 1 << 16

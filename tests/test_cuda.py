@@ -63,5 +63,7 @@ def test_cuda_default_backend_for_a_large_group():
     """``None`` flags: foreach for a small model, fused for one large enough to pay back the compile."""
     small = optimi.AdamW(params_on("cuda", torch.float32), lr=1e-3)
     assert small.backend_for(small.param_groups[0], torch.device("cuda")) == "foreach"
-    large = optimi.AdamW([torch.zeros(1 << 20, device="cuda", requires_grad=True)], lr=1e-3)
+    from optimi.optimizer import FUSED_MIN_ELEMENTS
+
+    large = optimi.AdamW([torch.zeros(FUSED_MIN_ELEMENTS, device="cuda", requires_grad=True)], lr=1e-3)
     assert large.backend_for(large.param_groups[0], torch.device("cuda")) == "fused"

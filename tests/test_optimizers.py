@@ -183,11 +183,11 @@ def test_resolve_backend_large_groups_default_to_fused(monkeypatch):
 
 def test_default_backend_follows_group_size():
     """A plain optimizer on a small model keeps the for-loop; a large group resolves to fused."""
-    from optimi.optimizer import fused_available
+    from optimi.optimizer import FUSED_MIN_ELEMENTS, fused_available
 
     small = optimi.AdamW(make_params(), lr=1e-3)
     assert small.backend_for(small.param_groups[0], torch.device("cpu")) == "for_loop"
-    large = optimi.AdamW([torch.zeros(1 << 20, requires_grad=True)], lr=1e-3)
+    large = optimi.AdamW([torch.zeros(FUSED_MIN_ELEMENTS, requires_grad=True)], lr=1e-3)
     expected = "fused" if fused_available("cpu") else "for_loop"
     assert large.backend_for(large.param_groups[0], torch.device("cpu")) == expected
 
