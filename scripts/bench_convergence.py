@@ -1,6 +1,6 @@
 """Convergence of the small GPT in fp32, pure bf16, bf16 + Kahan summation and mixed precision.
 
-    OMP_NUM_THREADS=1 python scripts/bench_convergence.py --steps 1000 --plot docs/convergence.png
+    OMP_NUM_THREADS=1 python scripts/bench_convergence.py --steps 600 --plot docs/convergence.png
 
 Trains ``scripts/train.py``'s byte-level GPT on the standard library's source four times with the
 same seed, data order and optimizer (AdamW by default), changing only the precision:
@@ -51,7 +51,7 @@ def smooth(values: list[float], window: int) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--optimizer", default="adamw")
     parser.add_argument("--plot", default=None, help="write the loss curves to this PNG (needs matplotlib)")
     parser.add_argument("train_args", nargs="*", help="extra scripts/train.py flags, after --")

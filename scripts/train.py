@@ -335,6 +335,7 @@ def print_memory_report(model: nn.Module, optimizer: torch.optim.Optimizer, runt
         rows = [row]
     if runtime.is_main:
         mib = 2**20
+        print("memory per rank")
         print(f"{'rank':>4} {'params MiB':>11} {'opt state MiB':>14} {'RSS MiB':>9}")
         for rank, r in enumerate(rows):
             print(f"{rank:>4} {r['params'] / mib:>11.2f} {r['optimizer_states'] / mib:>14.2f} {r['rss'] / mib:>9.1f}")
@@ -392,9 +393,10 @@ def _train(config: TrainConfig, runtime: Runtime) -> float:
     # autocast for mixed precision; FSDP2 casts through its MixedPrecisionPolicy instead
     autocast_on = config.dtype == "mixed" and config.parallel != "fsdp2"
 
+    kahan = "on" if config.dtype == "bf16" and config.kahan != "off" else "off"
     log(
         f"GPT {config.n_layer}x{config.n_embd} ({n_params / 1e6:.2f}M params), {train_text.numel() / 1e6:.1f}MB "
-        f"of stdlib text | {config.optimizer} {config.dtype} kahan={config.kahan} "
+        f"of stdlib text | {config.optimizer} {config.dtype} kahan={kahan} "
         f"release={config.gradient_release} parallel={config.parallel} x{runtime.world_size}"
     )
     start = 0
