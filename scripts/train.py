@@ -348,7 +348,10 @@ def train(config: TrainConfig) -> float:
     """Run ``config``; returns the held-out loss."""
     runtime = init_runtime(config)
     try:
-        return _train(config, runtime)
+        val_loss = _train(config, runtime)
+        if dist.is_initialized():
+            dist.barrier()  # gloo can abort a rank that tears down while its peer is still talking
+        return val_loss
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -433,11 +436,11 @@ def _train(config: TrainConfig, runtime: Runtime) -> float:
                     loss = model(inputs, targets)
                 (loss / micro_batches).backward()
             step_loss += loss.detach() / micro_batches
-        if not config.gradient_release:
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        # under gradient release the parameters were stepped inside backward and these are no-ops
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
 

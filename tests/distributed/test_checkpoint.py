@@ -145,6 +145,7 @@ def _worker(directory: Path) -> None:
     after = _full_state(model, optimizer)
     if dist.get_rank() == 0:
         torch.save({"loaded": loaded, "after": after}, directory / "from_two_ranks.pt")
+    dist.barrier()  # tear down together: gloo can abort a rank whose peer is still connected
     dist.destroy_process_group()
 
 
