@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/gpt.py, also
 from gpt import GPT, ByteDataset, GPTConfig, load_stdlib_text  # noqa: E402
 
 import optimi  # noqa: E402
+from optimi.distributed import latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 
 #: --optimizer names (case-insensitive) -> optimi class names
 OPTIMIZERS = {
@@ -366,8 +367,6 @@ def _train(config: TrainConfig, runtime: Runtime) -> float:
         )
     resume = None
     if config.resume is not None:
-        from optimi.distributed import latest_checkpoint
-
         resume = Path(config.resume)
         if config.resume == "latest":
             if not Path(config.checkpoint_dir).is_dir():
@@ -404,8 +403,6 @@ def _train(config: TrainConfig, runtime: Runtime) -> float:
     )
     start = 0
     if resume is not None:
-        from optimi.distributed import load_checkpoint
-
         loaded = load_checkpoint(resume, model, optimizer)
         scheduler.load_state_dict(loaded.extra["scheduler"])
         data_order.set_state(loaded.extra["data_order"])
@@ -416,60 +413,38 @@ def _train(config: TrainConfig, runtime: Runtime) -> float:
 
     micro_global = config.batch_size // micro_batches
     local = micro_global // runtime.world_size
-    tokens_per_step = config.batch_size * config.block_size
     metrics = open(config.metrics_file, "a") if config.metrics_file and runtime.is_main else None
     started = last_time = time.perf_counter()
-    losses = []
+    losses = []  # per step, mean over ranks, since the last progress line
     for step in range(start, config.steps):
         model.train()
-        step_loss = torch.zeros((), device=runtime.device)
-        for micro in range(micro_batches):
-            last = micro == micro_batches - 1
+        batches = []
+        for _ in range(micro_batches):
             # every rank draws the whole global micro-batch and keeps its slice: the data order
             # does not depend on the world size
             starts = train_data.starts(micro_global, data_order)[runtime.rank * local : (runtime.rank + 1) * local]
-            inputs, targets = (t.to(runtime.device) for t in train_data.batch(starts))
-            if config.gradient_release:
-                optimizer.optimizer_accumulation = not last
-            with no_gradient_sync(model, config, last):
-                with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=autocast_on):
-                    loss = model(inputs, targets)
-                (loss / micro_batches).backward()
-            step_loss += loss.detach() / micro_batches
-        if config.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        # under gradient release the parameters were stepped inside backward and these are no-ops
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            batches.append(tuple(t.to(runtime.device) for t in train_data.batch(starts)))
         lr = optimizer.param_groups[0]["lr"]
+        loss = train_step(model, optimizer, batches, config, autocast_on)
         scheduler.step()
 
-        losses.append(all_mean(step_loss, runtime))
+        losses.append(all_mean(loss, runtime))
         if metrics is not None:
             metrics.write(json.dumps({"step": step + 1, "loss": losses[-1], "lr": lr}) + "\n")
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
             now = time.perf_counter()
-            window = losses[-config.log_every :]
-            steps_done = min(len(window), step + 1 - start)
+            tokens_per_s = len(losses) * config.batch_size * config.block_size / (now - last_time)
             log(
-                f"step {step + 1:>5}/{config.steps} | loss {sum(window) / len(window):.4f} | lr {lr:.2e} | "
-                f"{steps_done * tokens_per_step / (now - last_time) / 1e3:.1f}k tok/s"
+                f"step {step + 1:>5}/{config.steps} | loss {sum(losses) / len(losses):.4f} | lr {lr:.2e} | "
+                f"{tokens_per_s / 1e3:.1f}k tok/s"
             )
-            last_time = now
+            losses, last_time = [], now
         if config.checkpoint_dir and (
             step + 1 == config.steps or (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0)
         ):
-            from optimi.distributed import save_checkpoint
-
             extra = {"scheduler": scheduler.state_dict(), "data_order": data_order.get_state()}
-            save_checkpoint(
-                config.checkpoint_dir,
-                step + 1,
-                model,
-                optimizer,
-                extra=extra,
-                rank_extra={"torch_rng": torch.get_rng_state()},
-            )
+            rank_extra = {"torch_rng": torch.get_rng_state()}
+            save_checkpoint(config.checkpoint_dir, step + 1, model, optimizer, extra=extra, rank_extra=rank_extra)
     if metrics is not None:
         metrics.close()
     wall = time.perf_counter() - started
@@ -478,6 +453,33 @@ def _train(config: TrainConfig, runtime: Runtime) -> float:
     log(f"held-out loss {val_loss:.4f} | wall time {wall:.1f}s ({config.steps - start} steps)")
     print_memory_report(model, optimizer, runtime)
     return val_loss
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: optimi.OptimiOptimizer,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    config: TrainConfig,
+    autocast_on: bool,
+) -> torch.Tensor:
+    """One optimizer step over ``batches`` (this rank's micro-batches); returns the mean loss."""
+    step_loss = torch.zeros((), device=batches[0][0].device)
+    for micro, (inputs, targets) in enumerate(batches):
+        last = micro == len(batches) - 1
+        if config.gradient_release:
+            # the release hooks fold the first K-1 micro-batches into the optimizer state
+            optimizer.optimizer_accumulation = not last
+        with no_gradient_sync(model, config, last):
+            with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=autocast_on):
+                loss = model(inputs, targets)
+            (loss / len(batches)).backward()
+        step_loss += loss.detach() / len(batches)
+    if config.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    # under gradient release the parameters were stepped inside backward and these are no-ops
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss
 
 
 @torch.no_grad()
