@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import optimi
+import optimi.distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train.py"
@@ -27,8 +28,11 @@ TIMEOUT = 240  # seconds per launched run; a hang fails instead of blocking the 
 TINY = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "32", "--batch-size", "8"]
 SHORT = TINY + ["--steps", "8", "--warmup-steps", "2", "--eval-batches", "2", "--log-every", "4", "--lr", "1e-2"]
 
-needs_release = pytest.mark.skipif(
-    not hasattr(optimi, "prepare_for_gradient_release"), reason="optimi.prepare_for_gradient_release not available"
+# FSDP2/DDP gradient release lives in optimi.distributed (parallel work); until it is on main the
+# FSDP2 + release runs exit with "optimi.distributed is unavailable"
+DISTRIBUTED_RELEASE = hasattr(optimi.distributed, "prepare_gradient_release")
+pending_distributed_release = pytest.mark.xfail(
+    not DISTRIBUTED_RELEASE, reason="optimi.distributed.prepare_gradient_release is not on main yet", strict=True
 )
 
 
@@ -115,14 +119,13 @@ FSDP2_DEMO = ["--parallel", "fsdp2", "--dtype", "bf16", "--gradient-release", "-
 @pytest.fixture(scope="module")
 def fsdp2_run(tmp_path_factory):
     """One 2-rank FSDP2 bf16 + Kahan + gradient release + optimizer accumulation run, 8 steps, checkpoint at 4."""
-    if not hasattr(optimi, "prepare_for_gradient_release"):
-        pytest.skip("optimi.prepare_for_gradient_release not available")
     cwd = tmp_path_factory.mktemp("fsdp2")
     args = SHORT + FSDP2_DEMO + ["--checkpoint-dir", "ckpt", "--checkpoint-every", "4", "--metrics-file", "m.jsonl"]
     return cwd, run_ok(args, cwd, nproc=2)
 
 
 @pytest.mark.distributed
+@pending_distributed_release
 def test_fsdp2_bf16_kahan_release_trains(fsdp2_run):
     cwd, out = fsdp2_run
     assert "parallel=fsdp2 x2" in out
@@ -142,8 +145,6 @@ RESUME_CASES = {
 
 @pytest.mark.parametrize("case", RESUME_CASES)
 def test_resume_is_bit_identical(case, tmp_path, one_thread):
-    if "--gradient-release" in RESUME_CASES[case] and not hasattr(optimi, "prepare_for_gradient_release"):
-        pytest.skip("optimi.prepare_for_gradient_release not available")
     args = SHORT + RESUME_CASES[case]
     full, resumed = tmp_path / "full.jsonl", tmp_path / "resumed.jsonl"
     val_full = train_script.main(
@@ -161,6 +162,7 @@ def test_resume_is_bit_identical(case, tmp_path, one_thread):
 
 
 @pytest.mark.distributed
+@pending_distributed_release
 def test_fsdp2_checkpoint_resumes_on_two_ranks_identically_and_on_one_rank(fsdp2_run, one_thread):
     cwd, _ = fsdp2_run
     full = losses(cwd / "m.jsonl")
@@ -182,9 +184,8 @@ def test_fsdp2_checkpoint_resumes_on_two_ranks_identically_and_on_one_rank(fsdp2
 
 
 @pytest.mark.distributed
+@pending_distributed_release
 def test_one_rank_checkpoint_resumes_on_fsdp2(tmp_path, one_thread):
-    if not hasattr(optimi, "prepare_for_gradient_release"):
-        pytest.skip("optimi.prepare_for_gradient_release not available")
     args = SHORT + ["--dtype", "bf16", "--gradient-release", "--accumulation-steps", "2"]
     full = tmp_path / "full.jsonl"
     train_script.main(
