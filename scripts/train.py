@@ -342,6 +342,22 @@ def print_memory_report(model: nn.Module, optimizer: torch.optim.Optimizer, runt
             print(f"{rank:>4} {r['params'] / mib:>11.2f} {r['optimizer_states'] / mib:>14.2f} {r['rss'] / mib:>9.1f}")
 
 
+def resume_path(config: TrainConfig) -> Path | None:
+    """The checkpoint ``--resume`` names (``latest`` of ``--checkpoint-dir`` by default), or None."""
+    if config.resume is None:
+        return None
+    if config.resume != "latest":
+        if not Path(config.resume).is_dir():
+            raise SystemExit(f"--resume: checkpoint directory {config.resume} does not exist")
+        return Path(config.resume)
+    if not Path(config.checkpoint_dir).is_dir():
+        raise SystemExit(f"--resume: checkpoint directory {config.checkpoint_dir} does not exist")
+    path = latest_checkpoint(config.checkpoint_dir)
+    if path is None:
+        raise SystemExit(f"--resume: no complete checkpoint in {config.checkpoint_dir}")
+    return path
+
+
 # -- training --------------------------------------------------------------------------------------
 
 
@@ -365,17 +381,7 @@ def _train(config: TrainConfig, runtime: Runtime) -> float:
             f"--batch-size {config.batch_size} must be divisible by world size {runtime.world_size} x "
             f"--accumulation-steps {micro_batches}"
         )
-    resume = None
-    if config.resume is not None:
-        resume = Path(config.resume)
-        if config.resume == "latest":
-            if not Path(config.checkpoint_dir).is_dir():
-                raise SystemExit(f"--resume: checkpoint directory {config.checkpoint_dir} does not exist")
-            resume = latest_checkpoint(config.checkpoint_dir)
-            if resume is None:
-                raise SystemExit(f"--resume: no complete checkpoint in {config.checkpoint_dir}")
-        elif not resume.is_dir():
-            raise SystemExit(f"--resume: checkpoint directory {resume} does not exist")
+    resume = resume_path(config)
     log = print if runtime.is_main else (lambda *args, **kwargs: None)
 
     train_text, val_text = load_stdlib_text()

@@ -221,6 +221,16 @@ def test_bad_arguments_exit_with_a_message(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_schedule_warms_up_then_decays_to_a_tenth():
+    config = train_script.parse_args(["--steps", "110", "--warmup-steps", "10"])
+    factors = [train_script.lr_factor(step, config) for step in range(110)]
+    assert factors[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])
+    assert factors[10] == 1.0 and factors[60] == pytest.approx(0.55) and factors[-1] == pytest.approx(0.1, abs=1e-3)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    constant = train_script.parse_args(["--schedule", "constant", "--warmup-steps", "10"])
+    assert [train_script.lr_factor(step, constant) for step in (0, 9, 10, 500)] == [0.1, 1.0, 1.0, 1.0]
+
+
 def test_optimizer_names_are_case_insensitive():
     assert train_script.parse_args(["--optimizer", "StableAdamW"]).optimizer == "stableadamw"
 
