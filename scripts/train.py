@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/gpt.py, also
 from gpt import GPT, ByteDataset, GPTConfig, load_stdlib_text  # noqa: E402
 
 import optimi  # noqa: E402
-from optimi.distributed import latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
+from optimi.distributed import latest_checkpoint, load_checkpoint, memory_report, save_checkpoint  # noqa: E402
 
 #: --optimizer names (case-insensitive) -> optimi class names
 OPTIMIZERS = {
@@ -286,16 +286,6 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> optimi.OptimiOptim
     return cls(model.parameters(), lr=config.lr, gradient_release=config.gradient_release, **options)
 
 
-def prepare_gradient_release(model: nn.Module, optimizer: optimi.OptimiOptimizer) -> None:
-    prepare = getattr(optimi, "prepare_for_gradient_release", None)
-    if prepare is None:
-        raise SystemExit("--gradient-release needs optimi.prepare_for_gradient_release (not in this optimi)")
-    try:
-        prepare(model, optimizer)
-    except NotImplementedError as error:
-        raise SystemExit(f"--gradient-release: {error}") from None
-
-
 def lr_factor(step: int, config: TrainConfig) -> float:
     """Multiplier of --lr before optimizer step ``step`` (0-based): linear warm-up, then cosine to 10%
     or constant."""
@@ -305,41 +295,6 @@ def lr_factor(step: int, config: TrainConfig) -> float:
         return 1.0
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def print_memory_report(model: nn.Module, optimizer: torch.optim.Optimizer, runtime: Runtime) -> None:
-    """Print optimi.distributed.memory_report's per-rank table (collective)."""
-    try:
-        from optimi.distributed import memory_report
-    except ImportError:
-        memory_report = None
-    if memory_report is not None:
-        report = memory_report(model, optimizer)
-        if runtime.is_main:
-            print(report)
-        return
-    # fallback until optimi.distributed.memory_report exists: local bytes and RSS per rank
-    import psutil
-
-    def local_bytes(tensors) -> int:
-        return sum(getattr(t, "_local_tensor", t).nbytes for t in tensors if torch.is_tensor(t))
-
-    row = {
-        "params": local_bytes(model.parameters()),
-        "optimizer_states": local_bytes(v for s in optimizer.state.values() for v in s.values()),
-        "rss": psutil.Process().memory_info().rss,
-    }
-    rows = [None] * runtime.world_size
-    if runtime.world_size > 1:
-        dist.all_gather_object(rows, row)
-    else:
-        rows = [row]
-    if runtime.is_main:
-        mib = 2**20
-        print("memory per rank")
-        print(f"{'rank':>4} {'params MiB':>11} {'opt state MiB':>14} {'RSS MiB':>9}")
-        for rank, r in enumerate(rows):
-            print(f"{rank:>4} {r['params'] / mib:>11.2f} {r['optimizer_states'] / mib:>14.2f} {r['rss'] / mib:>9.1f}")
 
 
 def resume_path(config: TrainConfig) -> Path | None:
@@ -395,7 +350,8 @@ def _train(config: TrainConfig, runtime: Runtime) -> float:
     model = parallelize(model, config, runtime)
     optimizer = build_optimizer(model, config)
     if config.gradient_release:
-        prepare_gradient_release(model, optimizer)
+        # DDP and FSDP2 models are handed to optimi.distributed (reduce first, step the local shard)
+        optimi.prepare_for_gradient_release(model, optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     data_order = torch.Generator().manual_seed(config.seed)  # its state is the data position
     # autocast for mixed precision; FSDP2 casts through its MixedPrecisionPolicy instead
@@ -457,7 +413,8 @@ def _train(config: TrainConfig, runtime: Runtime) -> float:
 
     val_loss = evaluate(model, val_data, config, runtime, autocast_on)
     log(f"held-out loss {val_loss:.4f} | wall time {wall:.1f}s ({config.steps - start} steps)")
-    print_memory_report(model, optimizer, runtime)
+    report = memory_report(model, optimizer)  # collective: every rank measures itself
+    log(report)
     return val_loss
 
 

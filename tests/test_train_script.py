@@ -17,9 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import optimi
-import optimi.distributed
-
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train.py"
 TIMEOUT = 240  # seconds per launched run; a hang fails instead of blocking the suite
@@ -27,13 +24,6 @@ TIMEOUT = 240  # seconds per launched run; a hang fails instead of blocking the 
 # a tiny GPT and short runs: a few seconds per run on a busy 2-core machine
 TINY = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "32", "--batch-size", "8"]
 SHORT = TINY + ["--steps", "8", "--warmup-steps", "2", "--eval-batches", "2", "--log-every", "4", "--lr", "1e-2"]
-
-# FSDP2/DDP gradient release lives in optimi.distributed (parallel work); until it is on main the
-# FSDP2 + release runs exit with "optimi.distributed is unavailable"
-DISTRIBUTED_RELEASE = hasattr(optimi.distributed, "prepare_gradient_release")
-pending_distributed_release = pytest.mark.xfail(
-    not DISTRIBUTED_RELEASE, reason="optimi.distributed.prepare_gradient_release is not on main yet", strict=True
-)
 
 
 def _load_train_module():
@@ -125,7 +115,6 @@ def fsdp2_run(tmp_path_factory):
 
 
 @pytest.mark.distributed
-@pending_distributed_release
 def test_fsdp2_bf16_kahan_release_trains(fsdp2_run):
     cwd, out = fsdp2_run
     assert "parallel=fsdp2 x2" in out
@@ -162,7 +151,6 @@ def test_resume_is_bit_identical(case, tmp_path, one_thread):
 
 
 @pytest.mark.distributed
-@pending_distributed_release
 def test_fsdp2_checkpoint_resumes_on_two_ranks_identically_and_on_one_rank(fsdp2_run, one_thread):
     cwd, _ = fsdp2_run
     full = losses(cwd / "m.jsonl")
@@ -184,7 +172,6 @@ def test_fsdp2_checkpoint_resumes_on_two_ranks_identically_and_on_one_rank(fsdp2
 
 
 @pytest.mark.distributed
-@pending_distributed_release
 def test_one_rank_checkpoint_resumes_on_fsdp2(tmp_path, one_thread):
     args = SHORT + ["--dtype", "bf16", "--gradient-release", "--accumulation-steps", "2"]
     full = tmp_path / "full.jsonl"
