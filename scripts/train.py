@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -322,7 +323,12 @@ def train(config: TrainConfig) -> float:
     try:
         val_loss = _train(config, runtime)
         if dist.is_initialized():
-            dist.barrier()  # gloo can abort a rank that tears down while its peer is still talking
+            # [teardown] FSDP2 modules sit in reference cycles and hold the process group through their
+            # device mesh. Collect them now, so that the group is really destroyed below rather than during
+            # interpreter shutdown (where gloo intermittently aborts with "terminate called without an
+            # active exception"), and leave together.
+            gc.collect()
+            dist.barrier()
         return val_loss
     finally:
         if dist.is_initialized():

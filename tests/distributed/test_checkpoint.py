@@ -9,6 +9,7 @@ included) against full tensors the ranks gathered.
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -145,7 +146,9 @@ def _worker(directory: Path) -> None:
     after = _full_state(model, optimizer)
     if dist.get_rank() == 0:
         torch.save({"loaded": loaded, "after": after}, directory / "from_two_ranks.pt")
-    dist.barrier()  # tear down together: gloo can abort a rank whose peer is still connected
+    del model, optimizer
+    gc.collect()  # free the FSDP2 modules (and their hold on the process group) before destroying it
+    dist.barrier()
     dist.destroy_process_group()
 
 
