@@ -115,6 +115,41 @@ def _config(stage: int, **extra) -> dict:
     }
 
 
+def _checkpoint_roundtrip(setup, config: dict, directory: str) -> dict:
+    """Save ``setup``'s engine, load it into a fresh one, and take the same step in both."""
+    from optimi.distributed.deepspeed import initialize
+
+    setup.engine.save_checkpoint(directory, tag="t")
+    model = _model()
+    optimizer = _make_optimizer("adamw", _param_groups(model))
+    fresh = initialize(model, optimizer, config, lr_scheduler=_schedule(optimizer))
+    fresh.engine.load_checkpoint(directory, tag="t")
+    saved, loaded = setup.engine.basic_optimizer, fresh.engine.basic_optimizer
+    same_state = all(
+        a.keys() == b.keys()
+        and all(not torch.is_tensor(a[k]) or (a[k].dtype == b[k].dtype and torch.equal(a[k], b[k])) for k in a)
+        for a, b in zip(saved.state.values(), loaded.state.values())
+    )
+    kahan_dtypes = sorted({str(s["kahan_comp"].dtype) for s in loaded.state.values()})
+    rank = torch.distributed.get_rank()
+    x, y = _batches(BF16_STEPS + 1)[-1]
+    shard = GLOBAL_BATCH // WORLD
+    for engine in (setup.engine, fresh.engine):
+        xs, ys = x[rank * shard : (rank + 1) * shard], y[rank * shard : (rank + 1) * shard]
+        engine.backward(torch.nn.functional.mse_loss(engine(xs.to(torch.bfloat16)).float(), ys))
+        engine.step()
+    same_params = all(torch.equal(a, b) for a, b in zip(setup.engine.parameters(), fresh.engine.parameters()))
+    result = {
+        "same_state": same_state,
+        "same_params_after_step": same_params,
+        "kahan_dtypes": kahan_dtypes,
+        "steps": [g["step"] for g in loaded.param_groups],
+        "lr": [g["lr"] for g in loaded.param_groups] == [g["lr"] for g in saved.param_groups],
+    }
+    fresh.engine.destroy()
+    return result
+
+
 def _worker(out: str) -> None:
     import torch.distributed as dist
 
@@ -152,6 +187,8 @@ def _worker(out: str) -> None:
         gathered = [None] * WORLD
         dist.all_gather_object(gathered, {"bytes": memory, "numel": numel})
         results["memory"][name] = gathered
+        if name == "bf16_master_kahan":
+            results["checkpoint"] = _checkpoint_roundtrip(setup, config, str(Path(out).parent / "ckpt"))
         master = setup.engine.optimizer.single_partition_of_fp32_groups[0]
         results["bf16"][name] = {
             "losses": losses,
@@ -245,6 +282,13 @@ def test_bf16_master_kahan_memory_per_rank(results):
         assert d["kahan"] == 0
         total = lambda b: b["params"] + b["master_params"] + b["grads"] + b["optimizer_states"]  # noqa: E731
         assert total(k) < total(d)
+
+
+def test_checkpoint_roundtrip_keeps_kahan_state(results):
+    row = results["checkpoint"]
+    assert row["same_state"] and row["kahan_dtypes"] == ["torch.bfloat16"], row
+    assert row["steps"] == [BF16_STEPS + 1] * 2 and row["lr"], row
+    assert row["same_params_after_step"], row
 
 
 # --------------------------------------------------------------------------------------------
