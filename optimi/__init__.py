@@ -2,8 +2,13 @@
 
 from optimi.adam import Adam
 from optimi.adamw import AdamW
+from optimi.adan import Adan
+from optimi.lion import Lion
 from optimi.optimizer import OptimiOptimizer
+from optimi.radam import RAdam
+from optimi.ranger import Ranger
 from optimi.sgd import SGD
+from optimi.stableadamw import StableAdamW
 from optimi.utils import param_groups_weight_decay, to_low_precision
 
 __version__ = "0.1.0"
@@ -11,8 +16,13 @@ __version__ = "0.1.0"
 __all__ = [
     "Adam",
     "AdamW",
+    "Adan",
+    "Lion",
     "OptimiOptimizer",
+    "RAdam",
+    "Ranger",
     "SGD",
+    "StableAdamW",
     "param_groups_weight_decay",
     "to_low_precision",
     "__version__",

@@ -137,6 +137,11 @@ class TensorOps:
         return x.clamp_min_(value)
 
     @staticmethod
+    def clamp_min(x: Tensor, value: float | Tensor) -> Tensor:
+        """``max(x, value)`` as a new tensor (``x`` is left unchanged)."""
+        return x.clamp_min(value)
+
+    @staticmethod
     def sum(x: Tensor) -> Tensor:
         """Sum of all elements, accumulated in float32 or wider (a 0-d tensor)."""
         return x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
@@ -164,8 +169,11 @@ class ForeachOps:
     @staticmethod
     def add_(x: list[Tensor], y: list[Tensor], alpha: Any = 1.0) -> list[Tensor]:
         if isinstance(alpha, (list, tuple)):
-            # no foreach kernel takes a per-tensor alpha with a tensor list: scale, then add
-            torch._foreach_add_(x, torch._foreach_mul(y, list(alpha)))
+            # no foreach kernel takes a per-tensor alpha with a tensor list, and scaling first
+            # (_foreach_mul then _foreach_add_) rounds twice where Tensor.add_ rounds once: add
+            # tensor by tensor so both backends give the same bits (StableAdamW's per-tensor lr)
+            for xi, yi, ai in zip(x, y, alpha):
+                xi.add_(yi, alpha=ai)
         else:
             torch._foreach_add_(x, y, alpha=alpha)
         return x
@@ -182,10 +190,13 @@ class ForeachOps:
 
     @staticmethod
     def mul_(x: list[Tensor], value: Any) -> list[Tensor]:
-        if isinstance(value, float) and x and x[0].device.type == "cpu" and x[0].dtype in _LOW_PRECISION:
-            # the CPU Scalar overload rounds the factor to bf16 first (beta2=0.99 becomes
-            # 0.98828125); the 0-d tensor overload multiplies in fp32 like Tensor.mul_
-            value = torch.tensor(value)
+        if x and x[0].device.type == "cpu" and x[0].dtype in _LOW_PRECISION:
+            # the CPU Scalar and ScalarList overloads round the factor to bf16 first (beta2=0.99
+            # becomes 0.98828125); 0-d tensors multiply in fp32 like Tensor.mul_
+            if isinstance(value, float):
+                value = torch.tensor(value)
+            elif isinstance(value, (list, tuple)):
+                value = [torch.tensor(float(v)) for v in value]
         torch._foreach_mul_(x, value)
         return x
 
@@ -244,6 +255,10 @@ class ForeachOps:
     def clamp_min_(x: list[Tensor], value: Any) -> list[Tensor]:
         torch._foreach_clamp_min_(x, value)
         return x
+
+    @staticmethod
+    def clamp_min(x: list[Tensor], value: Any) -> list[Tensor]:
+        return torch._foreach_clamp_min(x, value)
 
     @staticmethod
     def sum(x: list[Tensor]) -> list[Tensor]:

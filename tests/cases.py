@@ -20,7 +20,16 @@ import torch
 from torch import Tensor
 
 import optimi
-from tests.reference import ReferenceOptimizer, adam_reference, sgd_reference
+from tests.reference import (
+    ReferenceOptimizer,
+    adam_reference,
+    adan_reference,
+    lion_reference,
+    radam_reference,
+    ranger_reference,
+    sgd_reference,
+    stableadamw_reference,
+)
 
 SHAPES = [(48, 32), (32,), (6, 5, 4), (1,)]
 STEPS = 24
@@ -79,6 +88,35 @@ def _sgd_ref(momentum: float, dampening: bool, torch_init: bool, weight_decay: f
         weight_decay=weight_decay,
         wd_mode=wd_mode,
     )
+
+
+_LION_LR = 2**-9
+
+_radam_ref = partial(_ref, radam_reference, **_ADAM_HP)
+
+
+def _ranger_ref(weight_decay: float, wd_mode: str, k: int = 6, alpha: float = 0.5):
+    return _ref(ranger_reference, weight_decay=weight_decay, wd_mode=wd_mode, k=k, alpha=alpha, **_ADAM_HP)
+
+
+def _adan_ref(wd_mode: str, adam_wd: bool, max_lr: float | None = None):
+    return _ref(
+        adan_reference,
+        betas=(0.98, 0.92, 0.99),
+        eps=1e-6,
+        weight_decay=0.1,
+        wd_mode=wd_mode,
+        adam_wd=adam_wd,
+        max_lr=max_lr,
+    )
+
+
+def _lion_ref(weight_decay: float, wd_mode: str):
+    return _ref(lion_reference, betas=(0.9, 0.99), weight_decay=weight_decay, wd_mode=wd_mode)
+
+
+def _stableadamw_ref(wd_mode: str):
+    return _ref(stableadamw_reference, weight_decay=0.1, wd_mode=wd_mode, **_ADAM_HP)
 
 
 REFERENCE_CASES: list[ReferenceCase] = [
@@ -164,6 +202,114 @@ REFERENCE_CASES: list[ReferenceCase] = [
         1e-2,
         _sgd_ref(0.9, False, False, 1e-2, "full"),
     ),
+    # RAdam against torch.optim (fp32); fully decoupled decay against the float64 paper reference
+    ReferenceCase("radam", optimi.RAdam, {}, 1e-2, _torch(torch.optim.RAdam, **_ADAM_HP), torch.float32),
+    ReferenceCase(
+        "radam-l2",
+        optimi.RAdam,
+        dict(weight_decay=0.1),
+        1e-2,
+        _torch(torch.optim.RAdam, weight_decay=0.1, **_ADAM_HP),
+        torch.float32,
+    ),
+    ReferenceCase(
+        "radam-decoupled",
+        optimi.RAdam,
+        dict(weight_decay=0.1, decouple_wd=True),
+        1e-2,
+        _torch(torch.optim.RAdam, weight_decay=0.1, decoupled_weight_decay=True, **_ADAM_HP),
+        torch.float32,
+    ),
+    ReferenceCase(
+        "radam-full",
+        optimi.RAdam,
+        dict(weight_decay=0.1, decouple_lr=True),
+        1e-2,
+        _radam_ref(weight_decay=0.1, wd_mode="full"),
+    ),
+    # Ranger: RAdam + Lookahead, float64 reference (k=6 syncs at steps 6, 12, 18, 24)
+    ReferenceCase("ranger", optimi.Ranger, {}, 1e-2, _ranger_ref(weight_decay=0.0, wd_mode="decoupled")),
+    ReferenceCase(
+        "ranger-decoupled",
+        optimi.Ranger,
+        dict(weight_decay=0.1, k=5, alpha=0.8),
+        1e-2,
+        _ranger_ref(weight_decay=0.1, wd_mode="decoupled", k=5, alpha=0.8),
+    ),
+    ReferenceCase(
+        "ranger-l2",
+        optimi.Ranger,
+        dict(weight_decay=0.1, decouple_wd=False),
+        1e-2,
+        _ranger_ref(weight_decay=0.1, wd_mode="l2"),
+    ),
+    ReferenceCase(
+        "ranger-full",
+        optimi.Ranger,
+        dict(weight_decay=0.1, decouple_lr=True, k=4),
+        1e-2,
+        _ranger_ref(weight_decay=0.1, wd_mode="full", k=4),
+    ),
+    # Adan: proximal (default) and AdamW-style decay, each with the lr or lr / max_lr factor
+    ReferenceCase("adan", optimi.Adan, dict(weight_decay=0.1), 1e-2, _adan_ref(wd_mode="decoupled", adam_wd=False)),
+    ReferenceCase(
+        "adan-adam-wd",
+        optimi.Adan,
+        dict(weight_decay=0.1, adam_wd=True),
+        1e-2,
+        _adan_ref(wd_mode="decoupled", adam_wd=True),
+    ),
+    ReferenceCase(
+        "adan-full",
+        optimi.Adan,
+        dict(weight_decay=0.1, decouple_lr=True),
+        1e-2,
+        _adan_ref(wd_mode="full", adam_wd=False),
+    ),
+    ReferenceCase(
+        "adan-full-adam-wd",
+        optimi.Adan,
+        dict(weight_decay=0.1, adam_wd=True, decouple_lr=True, max_lr=2e-2),
+        1e-2,
+        _adan_ref(wd_mode="full", adam_wd=True, max_lr=2e-2),
+    ),
+    # Lion: decay is always decoupled. Its steps are +-lr exactly, so in fp32 the parameter's own
+    # rounding of p +- lr tends to go the same way every step (a drift of up to one half-ulp per step
+    # that any fp32 implementation has); a power-of-two lr keeps that floor well below 1e-6.
+    ReferenceCase("lion", optimi.Lion, {}, _LION_LR, _lion_ref(weight_decay=0.0, wd_mode="decoupled")),
+    ReferenceCase(
+        "lion-decoupled",
+        optimi.Lion,
+        dict(weight_decay=1.0),
+        _LION_LR,
+        _lion_ref(weight_decay=1.0, wd_mode="decoupled"),
+    ),
+    ReferenceCase(
+        "lion-full",
+        optimi.Lion,
+        dict(weight_decay=0.1, decouple_lr=True),
+        _LION_LR,
+        _lion_ref(weight_decay=0.1, wd_mode="full"),
+    ),
+    # StableAdamW: decay scaled by the clipped per-tensor learning rate
+    ReferenceCase(
+        "stableadamw", optimi.StableAdamW, dict(weight_decay=0.1), 1e-2, _stableadamw_ref(wd_mode="decoupled")
+    ),
+    ReferenceCase(
+        "stableadamw-full",
+        optimi.StableAdamW,
+        dict(weight_decay=0.1, decouple_lr=True),
+        1e-2,
+        _stableadamw_ref(wd_mode="full"),
+    ),
+    # bf16 without Kahan runs the per-tensor decay factor through ForeachOps.mul_ (foreach == for-loop)
+    ReferenceCase(
+        "stableadamw-no-kahan",
+        optimi.StableAdamW,
+        dict(weight_decay=0.1, kahan_sum=False),
+        1e-2,
+        _stableadamw_ref(wd_mode="decoupled"),
+    ),
 ]
 
 _ADAM_INVALID = (
@@ -188,6 +334,43 @@ OPTIMIZERS: list[OptimizerSpec] = [
         dict(momentum=0.9, weight_decay=1e-2, decouple_wd=True),
         1e-2,
         (("lr", -0.1), ("momentum", 1.0), ("momentum", -0.5), ("weight_decay", -1.0), ("dampening", 0.5)),
+    ),
+    OptimizerSpec(
+        "adan",
+        optimi.Adan,
+        dict(weight_decay=2e-2),
+        1e-3,
+        (
+            ("lr", -1e-3),
+            ("weight_decay", -0.1),
+            ("eps", -1e-8),
+            ("betas", (1.0, 0.92, 0.99)),
+            ("betas", (0.98, 0.92, -0.1)),
+            ("betas", (0.98, 0.92)),
+            ("max_lr", -1.0),
+        ),
+        low_precision_dtypes=BF16,
+    ),
+    OptimizerSpec(
+        "lion",
+        optimi.Lion,
+        dict(weight_decay=0.1),
+        1e-3,
+        (("lr", -1e-3), ("weight_decay", -0.1), ("betas", (0.9, 1.0)), ("betas", (0.9, 0.99, 0.9))),
+    ),
+    OptimizerSpec("radam", optimi.RAdam, dict(weight_decay=1e-2), 1e-3, _ADAM_INVALID, low_precision_dtypes=BF16),
+    OptimizerSpec(
+        "ranger",
+        optimi.Ranger,
+        dict(weight_decay=1e-2, k=5),
+        # lookahead halves how far the weights travel: at 1e-3 the bf16 run without Kahan barely
+        # trails fp32, leaving nothing for Kahan summation to win back in 60 steps
+        2e-3,
+        _ADAM_INVALID + (("k", 0), ("k", 2.5), ("alpha", 0.0), ("alpha", 1.5)),
+        low_precision_dtypes=BF16,
+    ),
+    OptimizerSpec(
+        "stableadamw", optimi.StableAdamW, dict(weight_decay=1e-2), 1e-3, _ADAM_INVALID, low_precision_dtypes=BF16
     ),
 ]
 

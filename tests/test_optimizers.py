@@ -217,3 +217,26 @@ def test_readme_bf16_usage_enables_kahan():
     assert all("kahan_comp" in optimizer.state[p] for p in model.parameters())
     assert all(p.grad is None for p in model.parameters())
     assert optimizer.param_groups[0]["max_lr"] == 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("spec", [s for s in OPTIMIZERS if s.accumulates], ids=spec_id)
+def test_optimizer_accumulation_changes_state_only(spec, dtype):
+    """``optimizer_accumulation`` folds gradients into the moments: no step, no decay, no lookahead."""
+    params = make_params(dtype)
+    optimizer = spec.optimi_cls(params, lr=spec.lr, **spec.kwargs)
+    train(optimizer, params, spec.lr, steps=2)
+    before_params = clone_params(params)
+    before_state = copy.deepcopy(optimizer.state_dict()["state"])
+    optimizer.optimizer_accumulation = True
+    train(optimizer, params, spec.lr, steps=2, start=2)
+    for a, b in zip(params, before_params):
+        assert torch.equal(a, b)
+    changed = set()
+    for index, state in optimizer.state_dict()["state"].items():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                if not torch.equal(value, before_state[index][name]):
+                    changed.add(name)
+    # the moments absorbed the gradients; Kahan buffers and lookahead's slow weights did not move
+    assert changed and not changed & {"kahan_comp", "slow_param"}, changed

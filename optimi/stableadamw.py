@@ -1,0 +1,259 @@
+"""StableAdamW: AdamW with update clipping (Wortsman et al., 2023, https://arxiv.org/abs/2304.13013)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from optimi._kernels import TENSOR_OPS, finish_update_, run_update, update_target, weight_decay_terms
+from optimi.optimizer import SHARED_ARGS_DOC, OptimiOptimizer, check_betas, check_range
+
+__all__ = ["StableAdamW", "stableadamw", "ReduceSums"]
+
+#: ``reduce_sums(sums, counts) -> (sums, counts)``: combine the per-tensor partial sums of
+#: ``g^2 / max(v, eps^2)`` (0-d float32 tensors) and element counts across shards.
+ReduceSums = Callable[[list[Tensor], list[int]], tuple[list[Tensor], list[int]]]
+
+
+class StableAdamW(OptimiOptimizer):
+    __doc__ = rf"""StableAdamW optimizer (Wortsman et al., 2023, "Stable and low-precision training for
+    large-scale vision-language models", https://arxiv.org/abs/2304.13013), Algorithm 2: AdamW whose
+    learning rate is scaled down, per tensor, whenever the gradient is large relative to its
+    second-moment estimate (AdaFactor's update clipping).
+
+    With the debiased betas :math:`\hat\beta(t) = \beta\frac{{1 - \beta^{{t-1}}}}{{1 - \beta^t}}` (so the
+    stored moments are already debiased), gradient :math:`g_t` and learning rate :math:`\gamma_t`:
+
+    .. math::
+
+        m_t &= \hat\beta_1(t) m_{{t-1}} + (1 - \hat\beta_1(t)) g_t \\
+        v_t &= \hat\beta_2(t) v_{{t-1}} + (1 - \hat\beta_2(t)) g_t^2 \\
+        \mathrm{{RMS}}_t &= \sqrt{{\operatorname{{mean}}\big(g_t^2 / \max(v_t, \epsilon^2)\big)}}
+            \quad \text{{(over the tensor)}} \\
+        \eta_t &= \gamma_t / \max(1, \mathrm{{RMS}}_t) \\
+        \theta_t &= \theta_{{t-1}} - \eta_t \lambda \theta_{{t-1}} - \eta_t \frac{{m_t}}{{\sqrt{{v_t}} + \epsilon}}
+
+    Weight decay is decoupled and scaled by the clipped learning rate :math:`\eta_t`, as in the
+    paper; with ``decouple_lr=True`` it is :math:`\frac{{\eta_t}}{{\gamma_\max}}\lambda`. The RMS needs a
+    reduction over each tensor, so a step reads one number per tensor back to the host.
+
+    Args:
+        params: Iterable of parameters or dicts defining parameter groups.
+        lr: Learning rate.
+        betas: Coefficients for the gradient and squared-gradient moving averages
+            (default: (0.9, 0.99)).
+        weight_decay: Decoupled weight decay coefficient (default: 1e-2).
+        eps: Added to the denominator for numerical stability; ``eps**2`` floors the second moment
+            in the RMS (default: 1e-6).
+{SHARED_ARGS_DOC}"""
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 1e-2,
+        eps: float = 1e-6,
+        decouple_lr: bool = False,
+        max_lr: float | None = None,
+        kahan_sum: bool | None = None,
+        foreach: bool | None = None,
+        triton: bool | None = None,
+        gradient_release: bool = False,
+        fused: bool | None = None,
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas) if isinstance(betas, list) else betas,
+            weight_decay=weight_decay,
+            eps=eps,
+            decouple_lr=decouple_lr,
+            max_lr=max_lr,
+            kahan_sum=kahan_sum,
+            foreach=foreach,
+            triton=triton,
+            gradient_release=gradient_release,
+            fused=fused,
+        )
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        super()._validate_group(group)
+        check_betas(group["betas"], 2)
+        check_range("eps", group["eps"], 0.0)
+
+    def _init_state(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def _step_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Any]],
+        *,
+        step: int,
+        accumulate: bool,
+        backend: str,
+    ) -> None:
+        stableadamw(
+            params,
+            grads,
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s.get("kahan_comp") for s in states],
+            lr=group["lr"],
+            beta1=group["betas"][0],
+            beta2=group["betas"][1],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            decouple_lr=group["decouple_lr"],
+            max_lr=group["max_lr"],
+            step=step,
+            accumulate=accumulate,
+            backend=backend,
+        )
+
+
+def debiased_beta(beta: float, step: int) -> float:
+    """``beta * (1 - beta**(step - 1)) / (1 - beta**step)``: an EMA with this beta is unbiased."""
+    return beta * (1 - beta ** (step - 1)) / (1 - beta**step)
+
+
+def stableadamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    kahan_comps: list[Tensor | None],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    decouple_lr: bool = False,
+    max_lr: float | None = None,
+    step: int,
+    accumulate: bool = False,
+    backend: str = "for_loop",
+    reduce_sums: ReduceSums | None = None,
+) -> None:
+    """Functional StableAdamW: update ``params`` in place (see :class:`StableAdamW` for the rule).
+
+    Two passes. The first folds the gradient into the moments and sums ``g^2 / max(v, eps^2)``
+    per tensor; ``reduce_sums(sums, counts)`` may then combine the per-tensor sums and element
+    counts across shards (``None``: each tensor is whole here), and the second pass applies each
+    tensor's clipped learning rate. With ``accumulate=True`` only the moments absorb the gradient.
+    ``step`` is the 1-based step count used for debiasing.
+    """
+    if not params:
+        return
+    run_update(
+        _stableadamw_moments,
+        backend,
+        (params, grads, exp_avgs, exp_avg_sqs, kahan_comps),
+        beta1=debiased_beta(beta1, step),
+        beta2=debiased_beta(beta2, step),
+        eps_sq=eps * eps,
+        accumulate=accumulate,
+    )
+    if accumulate:
+        return
+
+    # the gradient buffers now hold g^2 / max(v, eps^2): reduce them to one RMS per tensor
+    sums = [TENSOR_OPS.sum(grad) for grad in grads]
+    counts = [TENSOR_OPS.numel(grad) for grad in grads]
+    if reduce_sums is not None:
+        sums, counts = reduce_sums(sums, counts)
+    # one host read for all tensors (a device sync on CUDA), not one per tensor
+    sum_values = torch.stack([s.to(sums[0].device, torch.float64) for s in sums]).tolist()
+    lrs = [lr / max(1.0, (total / count) ** 0.5) for total, count in zip(sum_values, counts)]
+
+    decays = [
+        weight_decay_terms(
+            lr=lr_i, weight_decay=weight_decay, decouple_wd=True, decouple_lr=decouple_lr, max_lr=max_lr
+        )[1]
+        for lr_i in lrs
+    ]
+    has_decay = weight_decay != 0
+    # per-tensor scalars travel as columns next to the tensors: floats in the for-loop,
+    # lists in the foreach backend
+    run_update(
+        _stableadamw_step,
+        backend,
+        (
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            [-lr_i for lr_i in lrs],
+            [1 - d if has_decay else 1.0 for d in decays],
+            [-d if has_decay else 0.0 for d in decays],
+            kahan_comps,
+        ),
+        eps=eps,
+        has_decay=has_decay,
+    )
+
+
+def _stableadamw_moments(
+    ops: Any,
+    param: Any,
+    grad: Any,
+    exp_avg: Any,
+    exp_avg_sq: Any,
+    kahan_comp: Any,
+    *,
+    beta1: float | Tensor,
+    beta2: float | Tensor,
+    eps_sq: float | Tensor,
+    accumulate: bool,
+) -> None:
+    """First pass: update the (debiased) moments, then leave ``g^2 / max(v, eps^2)`` in the gradient buffer."""
+    ops.lerp_(exp_avg, grad, 1 - beta1)
+    ops.mul_(exp_avg_sq, beta2)
+    ops.addcmul_(exp_avg_sq, grad, grad, value=1 - beta2)
+    if accumulate:
+        return
+    # the paper's RMS uses the second moment after this step's update
+    ops.mul_tensor_(grad, grad)
+    ops.div_tensor_(grad, ops.clamp_min(exp_avg_sq, eps_sq))
+
+
+def _stableadamw_step(
+    ops: Any,
+    param: Any,
+    grad: Any,
+    exp_avg: Any,
+    exp_avg_sq: Any,
+    neg_lr: float | list[float],
+    keep: float | list[float],
+    neg_decay: float | list[float],
+    kahan_comp: Any,
+    *,
+    eps: float | Tensor,
+    has_decay: bool,
+) -> None:
+    """Second pass: ``p <- p (1 - eta lambda) - eta m / (sqrt(v) + eps)`` with this tensor's clipped lr ``eta``.
+
+    ``neg_lr = -eta``, ``keep = 1 - decay`` and ``neg_decay = -decay`` are per tensor.
+    """
+    denom = ops.scratch(grad)
+    ops.copy_(denom, exp_avg_sq)
+    ops.sqrt_(denom)
+    ops.add_scalar_(denom, eps)
+
+    target = update_target(param, kahan_comp)
+    if has_decay:
+        if kahan_comp is None:
+            ops.mul_(param, keep)
+        else:
+            # the decay of a bf16 weight is mostly below its ulp: sum it with the update
+            ops.add_(kahan_comp, param, alpha=neg_decay)
+    ops.addcdiv_(target, exp_avg, denom, value=neg_lr)
+    finish_update_(ops, param, kahan_comp, denom)
