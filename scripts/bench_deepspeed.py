@@ -72,13 +72,12 @@ def batch(data: torch.Tensor, rows: int, context: int, gen: torch.Generator) -> 
     return window[:, :-1], window[:, 1:]
 
 
+BF16_MASTER = {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
+#: mode -> (DeepSpeed "bf16" config, optimi kahan_sum)
 MODES = {
     "fp32 master": ({"enabled": True}, None),
-    "bf16 master + Kahan": ({"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}, None),
-    "bf16 master, no Kahan": (
-        {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True},
-        False,
-    ),
+    "bf16 master + Kahan": (BF16_MASTER, None),
+    "bf16 master, no Kahan": (BF16_MASTER, False),
 }
 
 
