@@ -4,12 +4,13 @@ DeepSpeed is imported lazily, inside the functions that need it, so importing th
 requires it (``pip install optimi[deepspeed]``).
 
 [Note: what DeepSpeed hands a client optimizer]
-Under ZeRO (stages 1, 2 and 3), and in DeepSpeed's fp16/bf16 modes, DeepSpeed does not step the
-model's parameters. It flattens each param group into one contiguous buffer, splits that buffer
-across the data-parallel ranks, and replaces the group's ``params`` with this rank's *flat
-partition* (one 1-D tensor per group, or per ZeRO-3 sub-group). The client optimizer then steps
-that partition with the partition of the averaged gradient, and DeepSpeed copies (all-gathers) the
-result back into the model's parameters. Consequences for optimi:
+Under ZeRO (stages 1, 2 and 3) DeepSpeed does not step the model's parameters. It flattens each
+param group into one contiguous buffer, splits that buffer across the data-parallel ranks, and
+replaces the group's ``params`` with this rank's *flat partition* (one 1-D tensor per group, or per
+ZeRO-3 sub-group). The client optimizer then steps that partition with the partition of the
+averaged gradient, and DeepSpeed copies (all-gathers) the result back into the model's parameters.
+Without ZeRO it steps whole tensors (in its bf16/fp16 modes, per-tensor fp32 copies). Consequences
+for optimi:
 
 * Element-wise rules (Adam, AdamW, SGD, Lion, Adan, RAdam, Ranger) compute exactly what they
   compute on whole tensors, so sharded training matches a single process on the full batch.
@@ -111,17 +112,15 @@ def prepare_config(optimizer: torch.optim.Optimizer, config: dict[str, Any]) -> 
     zero = config.get("zero_optimization") or {}
     stage = int(zero.get("stage", 0))
     bf16 = config.get("bf16") or config.get("bfloat16") or {}
-    fp16 = config.get("fp16") or {}
     bf16_enabled = bool(bf16.get("enabled", False))
-    fp16_enabled = bool(fp16.get("enabled", False))
 
-    if _needs_whole_tensors(optimizer) and (stage > 0 or bf16_enabled or fp16_enabled):
+    if _needs_whole_tensors(optimizer) and stage > 0:
         raise ValueError(
             f"{name} computes statistics over whole tensors (StableAdamW: the per-tensor RMS of g/sqrt(v)), but "
-            f"with this config (ZeRO stage {stage}, bf16={bf16_enabled}, fp16={fp16_enabled}) DeepSpeed hands the "
-            "optimizer flat partitions that mix slices of several tensors, so the rule cannot be computed as "
-            "written. Use an element-wise optimizer (AdamW), or fp32 without ZeRO (stage 0), where DeepSpeed "
-            "passes the parameters through whole."
+            f"under ZeRO stage {stage} DeepSpeed hands the optimizer flat partitions that mix slices of several "
+            "tensors, so the rule cannot be computed as written. Use an element-wise optimizer (AdamW), or "
+            "DeepSpeed without ZeRO (stage 0), which steps whole tensors (fp32, or per-tensor fp32 copies in "
+            "its bf16/fp16 modes)."
         )
 
     if stage > 0 and not config.get("zero_allow_untested_optimizer", False):

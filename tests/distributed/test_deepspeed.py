@@ -68,6 +68,8 @@ def _batches(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def _make_optimizer(kind: str, params, *, kahan_sum: bool | None = None) -> torch.optim.Optimizer:
     if kind == "adamw":
         return optimi.AdamW(params, lr=1e-2, kahan_sum=kahan_sum)
+    if kind == "stableadamw":
+        return optimi.StableAdamW(params, lr=1e-2, kahan_sum=kahan_sum)
     return optimi.SGD(params, lr=5e-2, momentum=0.9, kahan_sum=kahan_sum)
 
 
@@ -181,6 +183,14 @@ def _worker(out: str) -> None:
             moved = max(((e - p).abs().max()).item() for e, p in zip(expected, _model().parameters()))
             results["match"][f"{kind}-zero{stage}"] = {"rel_err": err, "moved": moved, "changes": setup.changes}
             setup.engine.destroy()
+    # StableAdamW needs whole tensors: allowed without ZeRO, where DeepSpeed passes them through
+    expected = _reference("stableadamw")
+    setup, _ = _train(_config(0), "stableadamw", STEPS)
+    got = _full_params(setup.engine, 0)
+    err = max(((g - e).abs().max() / e.abs().max()).item() for g, e in zip(got, expected))
+    moved = max(((e - p).abs().max()).item() for e, p in zip(expected, _model().parameters()))
+    results["match"]["stableadamw-zero0"] = {"rel_err": err, "moved": moved, "changes": setup.changes}
+    setup.engine.destroy()
 
     # 2. bf16: DeepSpeed's default (fp32 master + fp32 states) against bf16 master + bf16 states,
     #    with and without optimi's Kahan compensation
@@ -262,6 +272,12 @@ def test_zero_matches_single_process(results, kind, stage):
     assert row["moved"] > 1e-2, "the run must actually train for the comparison to mean anything"
     assert row["rel_err"] < 1e-5, row
     assert any("zero_allow_untested_optimizer" in change for change in row["changes"])
+
+
+@needs_deepspeed
+def test_stableadamw_without_zero_matches_single_process(results):
+    row = results["match"]["stableadamw-zero0"]
+    assert row["moved"] > 1e-2 and row["rel_err"] < 1e-5, row
 
 
 @needs_deepspeed
@@ -349,21 +365,21 @@ class _WholeTensorAdamW(optimi.AdamW):
     needs_whole_tensors = True
 
 
+@pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_rejects_whole_tensor_statistics_on_flat_partitions(stage):
+def test_rejects_whole_tensor_statistics_on_flat_partitions(stage, bf16):
     optimizer = _WholeTensorAdamW(_model().parameters(), lr=1e-3)
     with pytest.raises(ValueError, match="whole tensors"):
-        prepare_config(optimizer, _config(stage))
-    # fp32 without ZeRO passes whole tensors: allowed
-    prepare_config(optimizer, _config(0))
+        prepare_config(optimizer, _config(stage, bf16={"enabled": bf16}))
+    # without ZeRO DeepSpeed steps whole tensors: allowed
+    prepare_config(optimizer, _config(0, bf16={"enabled": bf16}))
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_rejects_stableadamw(bf16):
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_rejects_stableadamw_under_zero(stage):
     optimizer = optimi.StableAdamW(_model().parameters(), lr=1e-3)
-    config = _config(2, bf16={"enabled": bf16})
-    with pytest.raises(ValueError, match="StableAdamW"):
-        prepare_config(optimizer, config)
+    with pytest.raises(ValueError, match="StableAdamW.*flat partitions"):
+        prepare_config(optimizer, _config(stage, bf16={"enabled": True}))
 
 
 if __name__ == "__main__":
