@@ -220,10 +220,11 @@ def deepspeed_rank_memory(engine: Any) -> dict[str, int]:
     """Bytes held on this rank by a DeepSpeed engine's model and optimizer, by role.
 
     Keys: ``params`` (the model's parameters as this rank holds them: whole under ZeRO 1/2, this
-    rank's partition under ZeRO-3), ``master_params`` (the flat partitions the client optimizer
-    steps: DeepSpeed's master copy), ``grads`` (gradients and DeepSpeed's gradient/communication
-    buffers: everything else the ZeRO optimizer keeps alive), ``optimizer_states`` (the client
-    optimizer's state tensors, Kahan buffers included) and ``kahan`` (the Kahan buffers alone).
+    rank's partition under ZeRO-3), ``param_numel`` (their element count), ``master_params`` (the
+    flat partitions the client optimizer steps: DeepSpeed's master copy), ``grads`` (gradients and
+    DeepSpeed's gradient/communication buffers: everything else the ZeRO optimizer keeps alive),
+    ``optimizer_states`` (the client optimizer's state tensors, Kahan buffers included) and
+    ``kahan`` (the Kahan buffers alone: state keys ending in ``_comp``).
     Each storage is counted once (flat buffers and the parameter views into them share storage).
     A snapshot: gradients freed after ``engine.step()`` are not counted then.
     """
@@ -239,17 +240,20 @@ def deepspeed_rank_memory(engine: Any) -> dict[str, int]:
         seen.add(key)
         return storage.nbytes()
 
-    counts = dict(params=0, master_params=0, grads=0, optimizer_states=0, kahan=0)
+    counts = dict(params=0, master_params=0, grads=0, optimizer_states=0, kahan=0, param_numel=0)
     for param in engine.module.parameters():
         # ZeRO-3 frees param.data between forwards; ds_tensor holds this rank's partition
-        counts["params"] += take(getattr(param, "ds_tensor", None)) + take(param.data)
+        partition = getattr(param, "ds_tensor", None)
+        counts["params"] += take(partition) + take(param.data)
+        counts["param_numel"] += partition.numel() if isinstance(partition, Tensor) else param.numel()
 
     ds_optimizer = engine.optimizer
     basic = getattr(engine, "basic_optimizer", None) or ds_optimizer
     for state in basic.state.values():
         for key, value in state.items():
             if isinstance(value, Tensor) and value.dim() > 0:
-                counts["kahan" if key == "kahan_comp" else "optimizer_states"] += take(value)
+                # kahan_comp, and Ranger's slow-weight slow_comp (memory.count_tensors' convention)
+                counts["kahan" if key.endswith("_comp") else "optimizer_states"] += take(value)
     counts["optimizer_states"] += counts["kahan"]
 
     masters = [p for g in basic.param_groups for p in g["params"]]
