@@ -3,6 +3,7 @@
 from optimi.adam import Adam
 from optimi.adamw import AdamW
 from optimi.adan import Adan
+from optimi.gradient_release import prepare_for_gradient_release, remove_gradient_release
 from optimi.lion import Lion
 from optimi.optimizer import OptimiOptimizer
 from optimi.radam import RAdam
@@ -24,6 +25,8 @@ __all__ = [
     "SGD",
     "StableAdamW",
     "param_groups_weight_decay",
+    "prepare_for_gradient_release",
+    "remove_gradient_release",
     "to_low_precision",
     "__version__",
 ]
