@@ -361,6 +361,18 @@ def test_rejects_zero3_sub_groups_that_split_a_param_group():
         prepare_config(optimizer, {"zero_optimization": {"stage": 3, "sub_group_size": 10}})
 
 
+def test_initialize_checks_scheduler_and_params_before_deepspeed():
+    from optimi.distributed.deepspeed import initialize
+
+    model = _model()
+    optimizer = optimi.AdamW(model.parameters(), lr=1e-3)
+    other = optimi.AdamW(_model().parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match="different optimizer"):
+        initialize(model, optimizer, _config(2), lr_scheduler=_schedule(other))
+    with pytest.raises(ValueError, match="do not belong to the model"):
+        initialize(_model(), optimizer, _config(2))
+
+
 class _WholeTensorAdamW(optimi.AdamW):
     needs_whole_tensors = True
 
