@@ -21,6 +21,10 @@ LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
 
 BACKENDS = ("for_loop", "foreach", "fused")
 
+# parameters of these types are stepped directly; any other tensor subclass (FSDP2's DTensor
+# shards) goes through optimi.distributed, which hands the kernels local tensors
+_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+
 SHARED_ARGS_DOC = """\
         decouple_lr: Apply fully decoupled weight decay, ``p *= 1 - (lr / max_lr) * weight_decay``,
             so that decay follows the schedule but not the peak learning rate (default: False).
@@ -122,6 +126,9 @@ class OptimiOptimizer(Optimizer):
         self.optimizer_accumulation: bool = False
         # set by optimi.prepare_for_gradient_release while its hooks are installed
         self._gradient_release_active: bool = False
+        # set by optimi.distributed while stepping sharded parameters: all-reduces per-tensor
+        # statistics (sums, counts) over the shards of each tensor; None in a single process
+        self._reduce_sums: Callable[[list[Tensor], list[int]], tuple[list[Tensor], list[int]]] | None = None
         self._group_index: dict[Tensor, int] = {}
         super().__init__(params, defaults)
 
@@ -224,7 +231,7 @@ class OptimiOptimizer(Optimizer):
             if not params:
                 continue
             group["step"] += 1
-            self._step_group(
+            self._run_step_group(
                 group,
                 params,
                 grads,
@@ -249,7 +256,7 @@ class OptimiOptimizer(Optimizer):
         state = self.init_param_state(param, group)
         state["step"] += 1
         backend = self.backend_for(group, param.device)
-        self._step_group(
+        self._run_step_group(
             group,
             [param],
             [grad],
@@ -258,6 +265,29 @@ class OptimiOptimizer(Optimizer):
             accumulate=self.optimizer_accumulation,
             backend="fused" if backend == "fused" else "for_loop",
         )
+
+    def _run_step_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Any]],
+        *,
+        step: int,
+        accumulate: bool,
+        backend: str,
+    ) -> None:
+        """Call ``_step_group``, through ``optimi.distributed`` for tensor-subclass parameters.
+
+        Sharded parameters (FSDP2's DTensors) are stepped on their local shards so that the kernels
+        only ever see plain tensors; ``optimi.distributed`` is imported only when one shows up.
+        """
+        if torch.distributed.is_available() and any(type(p) not in _PLAIN_TENSOR_TYPES for p in params):
+            from optimi.distributed._dtensor import step_local
+
+            step_local(self, group, params, grads, states, step=step, accumulate=accumulate, backend=backend)
+        else:
+            self._step_group(group, params, grads, states, step=step, accumulate=accumulate, backend=backend)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients; a no-op while gradient release hooks manage them."""
@@ -270,3 +300,4 @@ class OptimiOptimizer(Optimizer):
         self.__dict__.setdefault("optimizer_accumulation", False)
         self.__dict__.setdefault("_gradient_release_active", False)
         self.__dict__.setdefault("_group_index", {})
+        self.__dict__.setdefault("_reduce_sums", None)

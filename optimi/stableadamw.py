@@ -116,6 +116,8 @@ class StableAdamW(OptimiOptimizer):
             step=step,
             accumulate=accumulate,
             backend=backend,
+            # set by optimi.distributed while stepping sharded parameters: the RMS covers whole tensors
+            reduce_sums=self._reduce_sums,
         )
 
 

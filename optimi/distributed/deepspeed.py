@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +41,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["DeepSpeedSetup", "prepare_config", "initialize", "deepspeed_rank_memory"]
+from optimi.distributed.memory import TensorBytes, register_memory_accountant
+
+__all__ = ["DeepSpeedSetup", "prepare_config", "initialize", "deepspeed_rank_memory", "count_engine_tensors"]
 
 logger = logging.getLogger(__name__)
 
@@ -317,3 +320,32 @@ def _check_params_match(model: torch.nn.Module, optimizer: torch.optim.Optimizer
     missing = sum(1 for p in model.parameters() if p.requires_grad and id(p) not in in_optimizer)
     if missing:
         logger.warning("%d trainable model parameter(s) are not in the optimizer and will not be trained", missing)
+
+
+def _is_deepspeed_engine(model: Any) -> bool:
+    # no import: a DeepSpeed engine can only exist once deepspeed has been imported
+    deepspeed = sys.modules.get("deepspeed")
+    engine_class = getattr(deepspeed, "DeepSpeedEngine", None)
+    return engine_class is not None and isinstance(model, engine_class)
+
+
+def count_engine_tensors(engine: Any, optimizer: Any = None) -> TensorBytes:
+    """:func:`optimi.distributed.memory_report`'s accountant for a DeepSpeed engine.
+
+    Counts with :func:`deepspeed_rank_memory`; ``optimizer`` is ignored (the engine knows its
+    optimizer). As in the ZeRO paper, ``optimizer_states`` includes DeepSpeed's master partition
+    (fp32 in the default bf16 mode, bf16 with ``bf16_master_weights_and_grads``), so the report
+    shows what the fp32 master copy costs against optimi's Kahan buffers; ``grads`` includes
+    DeepSpeed's gradient partitions and reduction buckets.
+    """
+    counts = deepspeed_rank_memory(engine)
+    return TensorBytes(
+        params=counts["params"],
+        grads=counts["grads"],
+        optimizer_states=counts["optimizer_states"] + counts["master_params"],
+        kahan=counts["kahan"],
+        param_numel=counts["param_numel"],
+    )
+
+
+register_memory_accountant(_is_deepspeed_engine, count_engine_tensors)

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import optimi
+from optimi.distributed import memory_report
 from optimi.distributed.deepspeed import deepspeed_rank_memory, prepare_config
 
 try:
@@ -171,7 +172,7 @@ def _worker(out: str) -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="gloo")
     rank = dist.get_rank()
-    results: dict = {"match": {}, "bf16": {}, "memory": {}}
+    results: dict = {"match": {}, "bf16": {}, "memory": {}, "report": {}}
 
     # 1. fp32 ZeRO 1/2/3 against a single process on the full batch
     for kind in ("adamw", "sgd"):
@@ -207,6 +208,8 @@ def _worker(out: str) -> None:
         setup, losses = _train(config, "adamw", BF16_STEPS, dtype=torch.bfloat16, kahan_sum=run["kahan_sum"])
         final[name] = _full_params(setup.engine, 2)
         memory = deepspeed_rank_memory(setup.engine)
+        report = memory_report(setup.engine, setup.optimizer)
+        results["report"][name] = report.to_dict()["ranks"]
         numel = sum(p.numel() for p in setup.engine.module.parameters())
         gathered = [None] * WORLD
         dist.all_gather_object(gathered, {"bytes": memory, "numel": numel})
@@ -316,6 +319,24 @@ def test_bf16_master_kahan_memory_per_rank(results):
         assert d["kahan"] == 0
         total = lambda b: b["params"] + b["master_params"] + b["grads"] + b["optimizer_states"]  # noqa: E731
         assert total(k) < total(d)
+
+
+@needs_deepspeed
+def test_memory_report_on_engine(results):
+    """optimi.distributed.memory_report counts a DeepSpeed engine: master partition in optimizer_states."""
+    for name, ranks in results["report"].items():
+        assert [r["rank"] for r in ranks] == list(range(WORLD))
+        for rank, counted in zip(ranks, results["memory"][name]):
+            b = counted["bytes"]
+            assert rank["params"] == b["params"] and rank["grads"] == b["grads"] and rank["kahan"] == b["kahan"]
+            assert rank["optimizer_states"] == b["optimizer_states"] + b["master_params"]
+            assert rank["param_numel"] == counted["numel"]  # ZeRO-2: every rank holds the whole model
+            assert rank["rss"] > 0
+    default, kahan = results["report"]["fp32_master"][0], results["report"]["bf16_master_kahan"][0]
+    n = default["param_numel"]
+    # fp32 master (4/2) + fp32 moments (8/2) vs bf16 master (2/2) + bf16 moments (4/2) + bf16 Kahan (2/2)
+    assert default["optimizer_states"] == 6 * n
+    assert kahan["optimizer_states"] == 4 * n and kahan["kahan"] == n
 
 
 @needs_deepspeed

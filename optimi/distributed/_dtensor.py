@@ -1,0 +1,180 @@
+"""The one module that knows about DTensor: local views, sharded state, cross-shard reductions.
+
+[Note: kernels see local shards]
+Under FSDP2 every parameter, its gradient and its optimizer state are DTensors sharded the same
+way (``Shard(0)`` over the data-parallel mesh). The update of an elementwise optimizer is
+elementwise, so each rank can run it on its local shards alone: the local gradient shard already
+holds the reduce-scattered (averaged) gradient of exactly the elements the rank owns. Running
+optimi's kernels on DTensors would go through DTensor's dispatcher for every primitive (slow,
+and the foreach and fused paths are not written for it), so :func:`step_local` hands the kernels
+plain local tensors that share storage with the DTensors: every in-place write lands in the
+sharded parameter and sharded state.
+
+State is created by ``torch.zeros_like(param)`` (and friends) in the optimizers' ``_init_state``;
+on a DTensor that returns a DTensor with the parameter's mesh and placements, so moments, Kahan
+buffers and slow weights are sharded like the parameter and ``torch.distributed.checkpoint``
+saves and reshards them like any other DTensor.
+
+[Note: whole-tensor statistics under sharding]
+A statistic over a whole tensor (StableAdamW's per-tensor RMS) computed on a local shard would
+differ per rank and from the unsharded run. The optimizer asks for such sums through
+``optimizer._reduce_sums`` (``None`` in a single process); while :func:`step_local` runs it is a
+function that all-reduces the per-tensor sums and element counts over the mesh dimensions on which
+each parameter is sharded, so N ranks compute the statistic of the full tensor, exactly as one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.tensor import DTensor
+
+__all__ = [
+    "is_dtensor",
+    "local",
+    "local_nbytes",
+    "full_tensor",
+    "shard_groups",
+    "step_local",
+]
+
+
+def is_dtensor(tensor: Any) -> bool:
+    """Whether ``tensor`` is a DTensor (an FSDP2 parameter, gradient or state entry)."""
+    return isinstance(tensor, DTensor)
+
+
+def local(tensor: Any) -> Any:
+    """The local shard of a DTensor (sharing its storage); anything else unchanged."""
+    if isinstance(tensor, DTensor):
+        with torch.no_grad():  # to_local without autograd returns the local tensor itself
+            return tensor.to_local()
+    return tensor
+
+
+def local_nbytes(tensor: Tensor | None) -> int:
+    """Bytes this rank holds for ``tensor``: the local shard of a DTensor, else the tensor."""
+    if tensor is None:
+        return 0
+    tensor = local(tensor)
+    return tensor.numel() * tensor.element_size()
+
+
+def full_tensor(tensor: Tensor) -> Tensor:
+    """The whole tensor (all-gathered for a DTensor: collective); a plain tensor unchanged."""
+    if isinstance(tensor, DTensor):
+        return tensor.full_tensor()
+    return tensor
+
+
+def shard_groups(tensor: Tensor) -> tuple[dist.ProcessGroup, ...]:
+    """The process groups over which ``tensor`` is sharded (empty for plain or replicated tensors).
+
+    FSDP2 has one (its data-parallel mesh); HSDP shards over one mesh dimension and replicates over
+    the other, so only the shard dimension's group holds the pieces of one tensor.
+    """
+    if not isinstance(tensor, DTensor):
+        return ()
+    mesh = tensor.device_mesh
+    return tuple(mesh.get_group(dim) for dim, placement in enumerate(tensor.placements) if placement.is_shard())
+
+
+def _wrap_like(local_tensor: Tensor, param: DTensor) -> DTensor:
+    """A DTensor with ``param``'s mesh, placements and global shape around a local shard."""
+    return DTensor.from_local(
+        local_tensor,
+        param.device_mesh,
+        param.placements,
+        run_check=False,
+        shape=param.shape,
+        stride=param.stride(),
+    )
+
+
+def _local_state(state: dict[str, Any]) -> dict[str, Any]:
+    return {key: local(value) for key, value in state.items()}
+
+
+def _write_back(state: dict[str, Any], local_state: dict[str, Any], param: Tensor) -> None:
+    """Carry what the kernels changed in a local state view back into the DTensor state.
+
+    Tensors were updated in place (they share storage); only entries the optimizer added or
+    rebound during the step (a buffer created late, a Python counter) need copying back, and new
+    tensors of the parameter's shape become DTensors sharded like it.
+    """
+    for key, value in local_state.items():
+        old = state.get(key)
+        if old is not None and local(old) is value:
+            continue
+        if isinstance(value, Tensor) and isinstance(param, DTensor) and value.shape == local(param).shape:
+            value = _wrap_like(value, param)
+        state[key] = value
+
+
+def make_reduce_sums(params: Sequence[Tensor]) -> Callable[[list[Tensor], list[int]], tuple[list[Tensor], list[int]]]:
+    """A ``reduce_sums(sums, counts)`` for per-tensor statistics of ``params``' local shards.
+
+    ``sums[i]`` (a 0-d float tensor) and ``counts[i]`` (an element count) belong to ``params[i]``.
+    Returns the sums and counts over the whole tensors: summed over every mesh dimension on which
+    ``params[i]`` is sharded, one all-reduce per process group for all tensors that share it.
+    Every rank must call it with the same parameters (it is collective), which holds because all
+    ranks step the same parameters in the same order.
+    """
+    groups = [shard_groups(p) for p in params]
+
+    def reduce_sums(sums: list[Tensor], counts: list[int]) -> tuple[list[Tensor], list[int]]:
+        sums = list(sums)
+        counts = list(counts)
+        by_group: dict[dist.ProcessGroup, list[int]] = {}
+        for i, param_groups in enumerate(groups):
+            for group in param_groups:
+                by_group.setdefault(group, []).append(i)
+        for group, indices in by_group.items():
+            # one flat float64 buffer: sums, then counts (exact up to 2**53 elements)
+            packed = torch.stack(
+                [sums[i].detach().to(torch.float64) for i in indices]
+                + [torch.tensor(float(counts[i]), dtype=torch.float64, device=sums[i].device) for i in indices]
+            )
+            dist.all_reduce(packed, group=group)
+            for j, i in enumerate(indices):
+                sums[i] = packed[j].to(sums[i].dtype)
+                counts[i] = int(packed[len(indices) + j].item())
+        return sums, counts
+
+    return reduce_sums
+
+
+def step_local(
+    optimizer: Any,
+    group: dict[str, Any],
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    *,
+    step: int,
+    accumulate: bool,
+    backend: str,
+) -> None:
+    """Run ``optimizer._step_group`` on the local shards of DTensor parameters.
+
+    See [Note: kernels see local shards]. Parameters that are plain tensors pass through
+    unchanged. While the kernels run, ``optimizer._reduce_sums`` reduces whole-tensor statistics
+    across shards ([Note: whole-tensor statistics under sharding]).
+    """
+    local_params = [local(p) for p in params]
+    local_grads = [local(g) for g in grads]
+    local_states = [_local_state(s) for s in states]
+    previous = getattr(optimizer, "_reduce_sums", None)
+    optimizer._reduce_sums = make_reduce_sums(params) if any(shard_groups(p) for p in params) else None
+    try:
+        optimizer._step_group(
+            group, local_params, local_grads, local_states, step=step, accumulate=accumulate, backend=backend
+        )
+    finally:
+        optimizer._reduce_sums = previous
+    for param, state, local_state in zip(params, states, local_states):
+        _write_back(state, local_state, param)

@@ -1,0 +1,186 @@
+"""Gradient release on ``DistributedDataParallel`` models through a communication hook.
+
+[Note: what happens when under DDP]
+DDP's reducer copies each parameter's gradient into a flat *bucket* (~25 MiB) as autograd
+produces it, and when a bucket is full it runs the bucket's communication hook. A plain
+post-accumulate-grad release hook would run *before* that, on the local, un-averaged gradient,
+and the replicas would silently diverge. So optimi registers a communication hook instead which,
+for every bucket, in backward:
+
+1. divides the bucket by the world size and all-reduces it (the average, as DDP's default);
+   the call waits for the result, so the step below reads reduced values (on CUDA the wait is a
+   stream dependency, not a host sync);
+2. steps each of the bucket's parameters with its view of the averaged bucket
+   (``optimizer.step_param(param, grad_view)``), folding it into the optimizer state only while
+   ``optimizer.optimizer_accumulation`` is set;
+3. drops each parameter's ``.grad`` and returns the bucket. The reducer is told that the
+   optimizer runs in backward (``reducer._set_optimizer_in_backward()``), so at the end of
+   backward it neither copies the bucket back into ``.grad`` (``gradient_as_bucket_view=False``)
+   nor re-points ``.grad`` at the bucket (``gradient_as_bucket_view=True``). Without that, the
+   step's scratch use of the bucket would come back as a stale gradient that the next backward
+   accumulates into and that would be applied a second time.
+
+Every replica steps the same parameters with bit-identical averaged buckets and identical state,
+so the replicas stay bit-identical. The bucket buffers themselves belong to DDP and stay allocated
+(one gradient-sized buffer per replica, as in normal DDP); what release saves is the separate
+``.grad`` tensors (with ``gradient_as_bucket_view=False``) and the optimizer's peak.
+
+``no_sync()`` skips step 1 and would let gradients pile up locally without any step, so a forward
+under ``no_sync()`` raises while release is active: for accumulation keep syncing and set
+``optimizer.optimizer_accumulation = True`` for the micro-steps (each is reduced and folded in).
+
+Limits (DDP allows a communication hook to be registered once, and has no way to unset "optimizer
+in backward"): after ``remove_gradient_release`` the hook stays installed but behaves like DDP's
+default (average, then ``.grad`` = the averaged gradient: a view of the bucket with
+``gradient_as_bucket_view=True``, a copy otherwise), so ``optimizer.step()`` works normally again.
+A model with a user-registered communication hook cannot be prepared. With
+``find_unused_parameters=True`` a globally unused parameter arrives as zeros in its bucket and is
+stepped with a zero gradient (momentum and weight decay still act), where normal DDP would leave its
+``.grad`` untouched.
+"""
+
+# no `from __future__ import annotations`: DDP checks the comm hook's annotations at runtime
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.hooks import RemovableHandle
+
+from optimi.distributed._common import check_managed, check_no_existing_hooks, check_release_optimizer
+from optimi.optimizer import OptimiOptimizer
+
+__all__ = ["prepare_ddp_gradient_release", "remove_ddp_gradient_release"]
+
+# attribute on the DDP module holding the hook state (it outlives remove_gradient_release)
+_STATE_ATTR = "_optimi_ddp_gradient_release"
+
+
+@dataclass
+class _DDPReleaseState:
+    """The communication hook's state: whom to step and whether release is on."""
+
+    #: the optimizer stepped from the hook
+    optimizer: OptimiOptimizer
+    #: the process group DDP reduces over
+    process_group: Any
+    #: whether DDP's ``.grad`` are views of its buckets (decides how grads are restored when inactive)
+    gradient_as_bucket_view: bool
+    #: release on (step + free) or off (behave like DDP's default averaging all-reduce)
+    active: bool = True
+    #: the forward pre-hook refusing ``no_sync()`` while release is active
+    sync_check: RemovableHandle | None = None
+    #: buckets seen (for tests and debugging)
+    buckets_reduced: int = field(default=0)
+
+
+def prepare_ddp_gradient_release(
+    model: DistributedDataParallel, optimizer: OptimiOptimizer, *, ignore_existing_hooks: bool = False
+) -> None:
+    """Install the release communication hook on ``model`` (see [Note: what happens when under DDP]).
+
+    All optimizer state is allocated here, before the first backward.
+
+    Raises:
+        TypeError: ``optimizer`` is not an optimi optimizer.
+        ValueError: ``gradient_release=False``; a trainable parameter is not in ``optimizer``; the
+            model is already prepared; DDP already has a communication hook that is not optimi's; a
+            parameter already has post-accumulate-grad hooks and ``ignore_existing_hooks`` is False.
+    """
+    check_release_optimizer(optimizer)
+    if not isinstance(model, DistributedDataParallel):
+        raise TypeError(f"expected a DistributedDataParallel module, got {type(model).__qualname__}")
+    state: _DDPReleaseState | None = getattr(model, _STATE_ATTR, None)
+    if state is not None and state.active:
+        raise ValueError(
+            "model is already prepared for gradient release; call optimi.remove_gradient_release(model) first"
+        )
+    trainable = [(name, p) for name, p in model.module.named_parameters() if p.requires_grad]
+    check_managed(optimizer, trainable)
+    check_no_existing_hooks(trainable, ignore_existing_hooks)
+    if state is None and model._comm_hooks:
+        names = ", ".join(getattr(hook, "__qualname__", repr(hook)) for hook, _ in model._comm_hooks)
+        raise ValueError(
+            f"this DDP model already has a communication hook ({names}); DDP allows only one, and optimi's "
+            "gradient release needs its own to step each bucket after its all-reduce. Wrap the model in a "
+            "fresh DistributedDataParallel without register_comm_hook to use gradient release"
+        )
+
+    for _, param in trainable:
+        optimizer.init_param_state(param, optimizer.group_of(param))
+
+    if state is None:
+        state = _DDPReleaseState(optimizer, model.process_group, model.gradient_as_bucket_view)
+        try:
+            model.register_comm_hook(state, _release_comm_hook)
+        except RuntimeError as error:  # a builtin hook registered through the private API
+            raise ValueError(
+                f"could not register optimi's gradient release communication hook: {error}. DDP allows only one "
+                "communication hook; use a DistributedDataParallel module without one"
+            ) from error
+        # the optimizer runs inside backward: the reducer must not write buckets back into .grad
+        model.reducer._set_optimizer_in_backward()
+        setattr(model, _STATE_ATTR, state)
+    state.optimizer = optimizer
+    state.active = True
+    state.sync_check = model.register_forward_pre_hook(_refuse_no_sync)
+    optimizer._gradient_release_active = True
+
+
+def remove_ddp_gradient_release(model: DistributedDataParallel) -> bool:
+    """Turn release off: the hook stays but averages and fills ``.grad`` like DDP's default.
+
+    Returns False if release was not active on ``model``.
+    """
+    state: _DDPReleaseState | None = getattr(model, _STATE_ATTR, None)
+    if state is None or not state.active:
+        return False
+    state.active = False
+    if state.sync_check is not None:
+        state.sync_check.remove()
+        state.sync_check = None
+    state.optimizer._gradient_release_active = False
+    return True
+
+
+@torch.no_grad()
+def _release_comm_hook(state: _DDPReleaseState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+    """All-reduce (average) one bucket, then step its parameters and free their gradients."""
+    buffer = bucket.buffer()
+    world_size = dist.get_world_size(state.process_group)
+    buffer.div_(world_size)
+    # blocking, so that the step reads the reduced bucket (see [Note: what happens when under DDP])
+    dist.all_reduce(buffer, group=state.process_group)
+    state.buckets_reduced += 1
+    params = bucket.parameters()
+    grads = bucket.gradients()  # views of `buffer`, shaped like the parameters
+    if state.active:
+        for param, grad in zip(params, grads):
+            # the averaged view doubles as the step's scratch buffer: nothing reads it afterwards
+            state.optimizer.step_param(param, grad)
+            param.grad = None
+    else:
+        for param, grad in zip(params, grads):
+            if state.gradient_as_bucket_view:
+                param.grad = grad
+            elif param.grad is None:
+                param.grad = grad.clone()
+            else:
+                param.grad.copy_(grad)
+    future: torch.futures.Future[Tensor] = torch.futures.Future()
+    future.set_result(buffer)
+    return future
+
+
+def _refuse_no_sync(module: nn.Module, args: Any) -> None:
+    """Forward pre-hook: under ``no_sync()`` the comm hook would not run and nothing would step."""
+    if torch.is_grad_enabled() and not module.require_backward_grad_sync:
+        raise RuntimeError(
+            "DistributedDataParallel.no_sync() is active while optimi gradient release is installed: the backward "
+            "would skip the all-reduce, so no parameter would be stepped and unreduced gradients would pile up. "
+            "For accumulation keep gradient sync on and set optimizer.optimizer_accumulation = True for the "
+            "micro-steps instead (each micro-step is then averaged and folded into the optimizer state)"
+        )

@@ -1,0 +1,180 @@
+"""Gradient release, accumulation and memory accounting on 2 gloo ranks (CPU), against one process.
+
+Each module-scoped fixture spawns the 2 ranks once (``harness.run_ranks``) and runs a whole
+scenario of ``worker.py``; the tests below assert on what the ranks returned. Every distributed
+run is compared with a single-process run on the full global batch (each rank takes half).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch.distributed as dist
+
+import optimi
+from tests.distributed.harness import run_ranks
+
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.skipif(not dist.is_available(), reason="torch built without torch.distributed"),
+]
+
+FP32_RTOL = 1e-5  # DESIGN.md section 3: N ranks equal one process to 1e-5 relative in fp32
+# bf16 + Kahan: the sharded/averaged gradient rounds differently from the single-process one; after
+# 7 steps the parameters agree to about one bf16 ulp (relative spacing 2**-8 .. 2**-7)
+BF16_RTOL = 2e-2
+
+_PENDING = {name: f"optimi.{name} is not on main yet (parallel work)" for name in ("StableAdamW", "Ranger")}
+
+
+def _optimizer_params(*extra: str) -> list[Any]:
+    params = [pytest.param("adamw"), pytest.param("sgd_momentum")]
+    for cls, name in (("StableAdamW", "stableadamw"), ("Ranger", "ranger")):
+        marks = () if hasattr(optimi, cls) else pytest.mark.xfail(strict=True, reason=_PENDING[cls])
+        params.append(pytest.param(name, marks=marks))
+    return params
+
+
+@pytest.fixture(scope="module")
+def fsdp() -> list[dict[str, Any]]:
+    return run_ranks("fsdp")
+
+
+@pytest.fixture(scope="module")
+def ddp() -> list[dict[str, Any]]:
+    return run_ranks("ddp")
+
+
+@pytest.fixture(scope="module")
+def memory() -> list[dict[str, Any]]:
+    return run_ranks("memory")
+
+
+# -- FSDP2 ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["step", "release", "release_accum"])
+@pytest.mark.parametrize("name", _optimizer_params())
+def test_fsdp2_matches_single_process_fp32(fsdp, name, mode):
+    for rank in fsdp:
+        entry = rank[f"{name}/fp32/{mode}"]
+        assert entry["rel_err"] <= FP32_RTOL, entry
+        assert entry["grads_left"] == 0  # release freed every gradient; step() + zero_grad() too
+
+
+@pytest.mark.parametrize("name", _optimizer_params())
+def test_fsdp2_bf16_kahan_release_accumulation_close(fsdp, name):
+    entry = fsdp[0][f"{name}/bf16_kahan/release_accum"]
+    assert entry["rel_err"] <= BF16_RTOL, entry
+    assert entry["state_sharded"]
+    # Kahan buffers exist (Ranger: also for its slow weights), are bf16 like the parameters and are
+    # sharded like everything else
+    assert sum(entry["kahan_bytes_per_rank"]) == entry["ref_kahan_bytes"]
+    assert entry["ref_kahan_bytes"] in (entry["ref_param_bytes"], 2 * entry["ref_param_bytes"])
+
+
+def test_fsdp2_bf16_kahan_normal_step_close(fsdp):
+    assert fsdp[0]["sgd_momentum/bf16_kahan/step"]["rel_err"] <= BF16_RTOL
+
+
+def test_fsdp2_normal_step_foreach_backend(fsdp):
+    assert fsdp[0]["adamw_foreach/fp32/step"]["rel_err"] <= FP32_RTOL
+    assert fsdp[0]["adamw_foreach/bf16_kahan/step"]["rel_err"] <= BF16_RTOL
+    assert fsdp[0]["adamw_foreach/bf16_kahan/step"]["state_sharded"]
+
+
+@pytest.mark.skipif(not hasattr(optimi, "StableAdamW"), reason="optimi.StableAdamW not available")
+def test_fsdp2_stableadamw_rms_covers_whole_tensors(fsdp):
+    # with a gradient spike StableAdamW clips; N shards clip like one tensor only with the reduction
+    assert fsdp[0]["stableadamw/spike/reduce=True"] <= FP32_RTOL
+    assert fsdp[0]["stableadamw/spike/reduce=False"] > 1e-3
+
+
+def test_fsdp2_mixed_precision(fsdp):
+    # release steps the fp32 sharded params exactly like a normal step on the same bf16 compute ...
+    assert fsdp[0]["mixed_precision_release_vs_step"] <= FP32_RTOL
+    # ... and bf16 compute stays near the fp32 run (Adam magnifies bf16 noise in tiny gradients)
+    entry = fsdp[0]["adamw/mixed_precision/release"]
+    assert entry["rel_err"] <= 0.15, entry
+    assert entry["state_sharded"] and sum(entry["state_bytes_per_rank"]) == entry["ref_state_bytes"]
+
+
+@pytest.mark.parametrize("name", _optimizer_params())
+def test_fsdp2_state_is_sharded(fsdp, name):
+    entry = fsdp[0][f"{name}/fp32/release"]
+    assert entry["state_sharded"]  # DTensors with the parameter's placements
+    per_rank = entry["state_bytes_per_rank"]
+    assert sum(per_rank) == entry["ref_state_bytes"] > 0
+    assert max(per_rank) <= 0.55 * entry["ref_state_bytes"]  # ~1/2 (7 rows split 4 + 3)
+    assert sum(entry["param_bytes_per_rank"]) == entry["ref_param_bytes"]
+    assert entry["release_flag_after_remove"] is False
+
+
+def test_fsdp2_remove_release_restores_normal_steps(fsdp):
+    assert fsdp[0]["remove_then_step"] <= FP32_RTOL
+
+
+def test_fsdp2_release_details(fsdp):
+    for rank in fsdp:
+        assert rank["state_up_front"]  # allocated (sharded) by prepare, before any backward
+        assert rank["sync_off_refused"]  # set_requires_gradient_sync(False) raises under release
+        assert rank["checkpoint"]  # sharded state round-trips through torch.distributed.checkpoint
+
+
+# -- DDP ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["release", "release_accum"])
+@pytest.mark.parametrize("name", _optimizer_params())
+def test_ddp_release_matches_single_process_fp32(ddp, name, mode):
+    for rank in ddp:
+        entry = rank[f"{name}/fp32/{mode}"]
+        assert entry["rel_err"] <= FP32_RTOL, entry
+        assert entry["identical"]  # replicas bit-identical (all-gathered and compared)
+        assert entry["grads_left"] == 0
+
+
+@pytest.mark.parametrize("variant", ["bucket_view", "tiny_buckets"])
+def test_ddp_release_bucket_layouts(ddp, variant):
+    entry = ddp[0][f"adamw/fp32/release/{variant}"]
+    assert entry["rel_err"] <= FP32_RTOL and entry["identical"] and entry["grads_left"] == 0
+
+
+@pytest.mark.parametrize("name", _optimizer_params())
+def test_ddp_bf16_kahan_release_accumulation(ddp, name):
+    entry = ddp[0][f"{name}/bf16_kahan/release_accum"]
+    assert entry["rel_err"] <= BF16_RTOL and entry["identical"]
+
+
+@pytest.mark.parametrize("bucket_view", [False, True])
+def test_ddp_remove_release_restores_normal_steps(ddp, bucket_view):
+    entry = ddp[0][f"remove_then_step/bucket_view={bucket_view}"]
+    assert entry["rel_err"] <= FP32_RTOL and entry["identical"]
+
+
+def test_ddp_refuses_no_sync_and_user_comm_hooks(ddp):
+    for rank in ddp:
+        assert rank["no_sync_refused"]
+        assert rank["user_hook_refused"]
+
+
+# -- memory report --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["fsdp2", "ddp"])
+def test_release_lowers_peak_gradient_bytes(memory, kind):
+    normal = memory[0][f"{kind}/release=False"]["ranks"]
+    release = memory[0][f"{kind}/release=True"]["ranks"]
+    assert len(normal) == len(release) == 2
+    for before, after in zip(normal, release):
+        assert before["grads"] == before["grads_peak"] == before["params"] > 0  # fp32 grads, all alive
+        assert after["grads"] == 0
+        assert 0 < after["grads_peak"] < before["grads_peak"]
+        assert after["optimizer_states"] == before["optimizer_states"]
+        assert after["rss"] > 0 and after["device_allocated"] is None and after["device_peak"] is None
+    if kind == "fsdp2":  # local shards: the two ranks split the model
+        assert normal[0]["params"] + normal[1]["params"] == 4348
+    else:  # full replicas
+        assert normal[0]["params"] == normal[1]["params"] == 4348
+    assert "grads_peak" in memory[0][f"{kind}/release=True/str"]

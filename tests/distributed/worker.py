@@ -1,0 +1,472 @@
+"""One rank of a distributed test: ``python -m tests.distributed.worker SCENARIO OUT_DIR``.
+
+Started by ``harness.run_ranks`` with the torchrun environment. Each scenario runs many checks in
+one process group (spawning is the expensive part on 2 cores) and writes this rank's results to
+``OUT_DIR/rank{RANK}.json``; the pytest side asserts on them. Every sharded or replicated run is
+compared with a single-process run of the same model on the full global batch, computed here on
+every rank (the models are tiny).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+import optimi
+from optimi import prepare_for_gradient_release, remove_gradient_release
+from optimi.distributed import memory_report
+from optimi.distributed.memory import track_gradient_peak
+
+GLOBAL_BATCH = 8
+STEPS = 7  # > Ranger's k=6, so the slow weights are synchronised once
+MICRO_STEPS = 2  # micro-steps per step under optimizer accumulation
+
+
+@dataclass(frozen=True)
+class OptCase:
+    """An optimizer configuration the equivalence checks run."""
+
+    name: str
+    build: Callable[..., Any]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def optimizer_cases() -> list[OptCase]:
+    cases = [
+        OptCase("adamw", optimi.AdamW, dict(lr=1e-2, weight_decay=1e-2)),
+        OptCase("sgd_momentum", optimi.SGD, dict(lr=5e-2, momentum=0.9, weight_decay=1e-3)),
+    ]
+    if hasattr(optimi, "StableAdamW"):
+        cases.append(OptCase("stableadamw", optimi.StableAdamW, dict(lr=1e-2, weight_decay=1e-2)))
+    if hasattr(optimi, "Ranger"):
+        cases.append(OptCase("ranger", optimi.Ranger, dict(lr=1e-2, weight_decay=1e-3)))
+    return cases
+
+
+class Net(nn.Module):
+    """Three linears; the last has 7 outputs so 2-way sharding is uneven (rows 4 + 3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(12, 24)
+        self.l2 = nn.Linear(24, 24)
+        self.out = nn.Linear(24, 7)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.l2(torch.tanh(self.l1(x)))))
+
+
+def make_data(steps: int, micro: int, dtype: torch.dtype) -> list[list[tuple[Tensor, Tensor]]]:
+    gen = torch.Generator().manual_seed(1234)
+    return [
+        [
+            (
+                torch.randn(GLOBAL_BATCH, 12, generator=gen).to(dtype),
+                torch.randn(GLOBAL_BATCH, 7, generator=gen).to(dtype),
+            )
+            for _ in range(micro)
+        ]
+        for _ in range(steps)
+    ]
+
+
+def train(
+    model: nn.Module,
+    opt: Any,
+    data: list[list[tuple[Tensor, Tensor]]],
+    *,
+    rows: slice,
+    release: bool,
+    on_step: Callable[[int], None] | None = None,
+) -> None:
+    """Train on ``data``; each micro-batch uses ``rows`` (this rank's share of the global batch).
+
+    All but the last micro-step of a step run with ``optimizer_accumulation``. Without release
+    ``opt.step()`` runs after every micro-step (accumulation folds into the state there too).
+    """
+    for i, micro_batches in enumerate(data):
+        if on_step is not None:
+            on_step(i)
+            release = opt._gradient_release_active
+        for j, (x, y) in enumerate(micro_batches):
+            opt.optimizer_accumulation = j < len(micro_batches) - 1
+            loss = nn.functional.mse_loss(model(x[rows]), y[rows])
+            loss.backward()
+            if not release:
+                opt.step()
+                opt.zero_grad()
+    opt.optimizer_accumulation = False
+
+
+def reference_params(
+    init: dict[str, Tensor], case: OptCase, data: list, dtype: torch.dtype
+) -> tuple[dict[str, Tensor], Any]:
+    """Single process, full global batch, normal ``opt.step()``."""
+    model = Net().to(dtype)
+    model.load_state_dict(init)
+    opt = case.build(model.parameters(), **case.kwargs)
+    train(model, opt, data, rows=slice(None), release=False)
+    return {name: p.detach().clone() for name, p in model.named_parameters()}, opt
+
+
+def rel_err(params: dict[str, Tensor], ref: dict[str, Tensor]) -> float:
+    """max over tensors of ``max|p - ref| / max|ref|`` (in float64)."""
+    worst = 0.0
+    for name, r in ref.items():
+        p = params[name].double()
+        r = r.double()
+        worst = max(worst, ((p - r).abs().max() / r.abs().max().clamp_min(1e-12)).item())
+    return worst
+
+
+def state_bytes(opt: Any) -> int:
+    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if isinstance(v, Tensor))
+
+
+def my_rows() -> slice:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    share = GLOBAL_BATCH // world
+    return slice(rank * share, (rank + 1) * share)
+
+
+def fresh_init(dtype: torch.dtype) -> dict[str, Tensor]:
+    torch.manual_seed(0)
+    return {k: v.clone() for k, v in Net().to(dtype).state_dict().items()}
+
+
+# -- FSDP2 ----------------------------------------------------------------------------------------
+
+
+def sharded_net(init: dict[str, Tensor], dtype: torch.dtype, mp_policy: Any = None) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    model = Net().to(dtype)
+    model.load_state_dict(init)
+    kwargs = {"mesh": mesh} if mp_policy is None else {"mesh": mesh, "mp_policy": mp_policy}
+    fully_shard(model.l1, **kwargs)
+    fully_shard(model.l2, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def full_params(model: nn.Module) -> dict[str, Tensor]:
+    from optimi.distributed._dtensor import full_tensor
+
+    return {name: full_tensor(p.detach()).clone() for name, p in model.named_parameters()}
+
+
+def state_is_sharded_like_params(opt: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    for param, state in opt.state.items():
+        for value in state.values():
+            if isinstance(value, Tensor) and value.dim() > 0:
+                if not isinstance(value, DTensor) or value.placements != param.placements:
+                    return False
+                if value.shape != param.shape or value.to_local().shape != param.to_local().shape:
+                    return False
+    return True
+
+
+def scenario_fsdp() -> dict[str, Any]:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    results: dict[str, Any] = {}
+    rows = my_rows()
+    runs = []  # (label, case, dtype, mode, mp)
+    for case in optimizer_cases():
+        for mode in ("step", "release", "release_accum"):
+            runs.append((f"{case.name}/fp32/{mode}", case, torch.float32, mode, None))
+    adamw, sgd = optimizer_cases()[:2]
+    for case in optimizer_cases():
+        runs.append((f"{case.name}/bf16_kahan/release_accum", case, torch.bfloat16, "release_accum", None))
+    runs.append((f"{sgd.name}/bf16_kahan/step", sgd, torch.bfloat16, "step", None))
+    # the foreach backend steps whole groups of local shards at once (normal opt.step())
+    foreach = OptCase("adamw_foreach", optimi.AdamW, dict(lr=1e-2, weight_decay=1e-2, foreach=True))
+    runs.append(("adamw_foreach/fp32/step", foreach, torch.float32, "step", None))
+    runs.append(("adamw_foreach/bf16_kahan/step", foreach, torch.bfloat16, "step", None))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    runs.append((f"{adamw.name}/mixed_precision/release", adamw, torch.float32, "release", mp))
+    runs.append((f"{adamw.name}/mixed_precision/step", adamw, torch.float32, "step", mp))
+
+    finals: dict[str, dict[str, Tensor]] = {}
+    for label, case, dtype, mode, mp_policy in runs:
+        micro = MICRO_STEPS if mode.endswith("accum") else 1
+        data = make_data(STEPS, micro, dtype)
+        init = fresh_init(dtype)
+        ref, ref_opt = reference_params(init, case, data, dtype)
+        model = sharded_net(init, dtype, mp_policy)
+        release = mode.startswith("release")
+        opt = case.build(model.parameters(), gradient_release=release, **case.kwargs)
+        if release:
+            prepare_for_gradient_release(model, opt)
+        train(model, opt, data, rows=rows, release=release)
+        report = memory_report(model, opt)
+        finals[label] = full_params(model)
+        entry = {
+            "rel_err": rel_err(finals[label], ref),
+            "grads_left": sum(p.grad is not None for p in model.parameters()),
+            "state_sharded": state_is_sharded_like_params(opt),
+            "state_bytes_per_rank": [r.optimizer_states for r in report.ranks],
+            "kahan_bytes_per_rank": [r.kahan for r in report.ranks],
+            "param_bytes_per_rank": [r.params for r in report.ranks],
+            "ref_state_bytes": state_bytes(ref_opt),
+            "ref_kahan_bytes": sum(
+                v.numel() * v.element_size()
+                for st in ref_opt.state.values()
+                for k, v in st.items()
+                if k.endswith("_comp")
+            ),
+            "ref_param_bytes": sum(t.numel() * t.element_size() for t in ref.values()),
+        }
+        if release:
+            remove_gradient_release(model)
+            entry["release_flag_after_remove"] = opt._gradient_release_active
+        results[label] = entry
+
+    # StableAdamW's per-tensor RMS clipping must see whole tensors: a gradient spike makes it clip;
+    # the same run with the cross-shard reduction switched off shows the check can fail
+    if hasattr(optimi, "StableAdamW"):
+        from optimi.distributed import _dtensor
+
+        case = next(c for c in optimizer_cases() if c.name == "stableadamw")
+        data = make_data(STEPS, 1, torch.float32)
+        for x, y in data[3]:
+            x.mul_(30)
+            y.mul_(30)
+        for reduce in (True, False):
+            init = fresh_init(torch.float32)
+            ref, _ = reference_params(init, case, data, torch.float32)
+            model = sharded_net(init, torch.float32)
+            opt = case.build(model.parameters(), gradient_release=True, **case.kwargs)
+            prepare_for_gradient_release(model, opt)
+            original = _dtensor.make_reduce_sums
+            if not reduce:
+                _dtensor.make_reduce_sums = lambda params: lambda sums, counts: (sums, counts)
+            try:
+                train(model, opt, data, rows=rows, release=True)
+            finally:
+                _dtensor.make_reduce_sums = original
+            results[f"stableadamw/spike/reduce={reduce}"] = rel_err(full_params(model), ref)
+
+    # release for 3 steps, then remove it and continue with normal steps (SGD: no debiasing, see
+    # the DDP variant below)
+    sgd_case = optimizer_cases()[1]
+    data = make_data(STEPS, 1, torch.float32)
+    init = fresh_init(torch.float32)
+    ref, _ = reference_params(init, sgd_case, data, torch.float32)
+    model = sharded_net(init, torch.float32)
+    opt = sgd_case.build(model.parameters(), gradient_release=True, **sgd_case.kwargs)
+    prepare_for_gradient_release(model, opt)
+
+    def switch(step: int, model: nn.Module = model) -> None:
+        if step == 3:
+            remove_gradient_release(model)
+
+    train(model, opt, data, rows=rows, release=True, on_step=switch)
+    results["remove_then_step"] = rel_err(full_params(model), ref)
+
+    # mixed precision: release must do exactly what a normal step does (bf16 compute differs from fp32)
+    results["mixed_precision_release_vs_step"] = rel_err(
+        finals[f"{adamw.name}/mixed_precision/release"], finals[f"{adamw.name}/mixed_precision/step"]
+    )
+
+    # state allocated at prepare time, before any backward, already sharded
+    model = sharded_net(fresh_init(torch.float32), torch.float32)
+    opt = optimi.AdamW(model.parameters(), lr=1e-2, gradient_release=True)
+    prepare_for_gradient_release(model, opt)
+    results["state_up_front"] = len(opt.state) == len(list(model.parameters())) and state_is_sharded_like_params(opt)
+    # gradient sync off would skip the reduce-scatter: refused
+    model.set_requires_gradient_sync(False)
+    try:
+        model(torch.randn(2, 12))
+        results["sync_off_refused"] = False
+    except RuntimeError as error:
+        results["sync_off_refused"] = "set_requires_gradient_sync" in str(error)
+    model.set_requires_gradient_sync(True)
+    results["checkpoint"] = dcp_round_trip(model, opt)
+    return results
+
+
+def dcp_round_trip(model: nn.Module, opt: Any) -> bool:
+    """Save the sharded optimizer state with torch.distributed.checkpoint and load it back."""
+    import tempfile
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    x = torch.randn(4, 12)
+    nn.functional.mse_loss(model(x), torch.zeros(4, 7)).backward()  # one release step: non-zero state
+    before = {
+        id(p): {k: v.full_tensor().clone() for k, v in s.items() if isinstance(v, Tensor)} for p, s in opt.state.items()
+    }
+    path = [tempfile.mkdtemp(prefix="optimi-dcp-") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(path)
+    dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=path[0])
+    for state in opt.state.values():
+        for value in state.values():
+            if isinstance(value, Tensor):
+                value.zero_()
+    loaded = {"optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(loaded, checkpoint_id=path[0])
+    set_optimizer_state_dict(model, opt, loaded["optim"])
+    return all(torch.equal(opt.state[p][k].full_tensor(), v) for p in opt.state for k, v in before[id(p)].items())
+
+
+# -- DDP ------------------------------------------------------------------------------------------
+
+
+def ddp_net(init: dict[str, Tensor], dtype: torch.dtype, **ddp_kwargs: Any) -> nn.parallel.DistributedDataParallel:
+    model = Net().to(dtype)
+    model.load_state_dict(init)
+    return nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+
+
+def replicas_identical(model: nn.Module) -> bool:
+    flat = torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    return all(torch.equal(gathered[0], g) for g in gathered[1:])
+
+
+def scenario_ddp() -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    rows = my_rows()
+    runs = []
+    for case in optimizer_cases():
+        for mode in ("release", "release_accum"):
+            runs.append((f"{case.name}/fp32/{mode}", case, torch.float32, mode, {}))
+    adamw = optimizer_cases()[0]
+    runs.append(
+        (f"{adamw.name}/fp32/release/bucket_view", adamw, torch.float32, "release", {"gradient_as_bucket_view": True})
+    )
+    runs.append((f"{adamw.name}/fp32/release/tiny_buckets", adamw, torch.float32, "release", {"bucket_cap_mb": 0.001}))
+    for case in optimizer_cases():
+        runs.append((f"{case.name}/bf16_kahan/release_accum", case, torch.bfloat16, "release_accum", {}))
+
+    for label, case, dtype, mode, ddp_kwargs in runs:
+        micro = MICRO_STEPS if mode.endswith("accum") else 1
+        data = make_data(STEPS, micro, dtype)
+        init = fresh_init(dtype)
+        ref, _ = reference_params(init, case, data, dtype)
+        model = ddp_net(init, dtype, **ddp_kwargs)
+        opt = case.build(model.parameters(), gradient_release=True, **case.kwargs)
+        prepare_for_gradient_release(model, opt)
+        train(model, opt, data, rows=rows, release=True)
+        results[label] = {
+            "rel_err": rel_err({n: p.detach() for n, p in model.module.named_parameters()}, ref),
+            "identical": replicas_identical(model),
+            "grads_left": sum(p.grad is not None for p in model.parameters()),
+        }
+
+    # release for 3 steps, then remove it and continue with normal steps: same as the reference.
+    # SGD: no debiasing, whose step counter is per group in step() but per parameter under release
+    sgd = optimizer_cases()[1]
+    for bucket_view in (False, True):
+        data = make_data(STEPS, 1, torch.float32)
+        init = fresh_init(torch.float32)
+        ref, _ = reference_params(init, sgd, data, torch.float32)
+        model = ddp_net(init, torch.float32, gradient_as_bucket_view=bucket_view)
+        opt = sgd.build(model.parameters(), gradient_release=True, **sgd.kwargs)
+        prepare_for_gradient_release(model, opt)
+
+        def switch(step: int, model: nn.Module = model) -> None:
+            if step == 3:
+                remove_gradient_release(model)
+
+        train(model, opt, data, rows=rows, release=True, on_step=switch)
+        results[f"remove_then_step/bucket_view={bucket_view}"] = {
+            "rel_err": rel_err({n: p.detach() for n, p in model.module.named_parameters()}, ref),
+            "identical": replicas_identical(model),
+        }
+
+    # no_sync() would skip the all-reduce: refused while release is active
+    model = ddp_net(fresh_init(torch.float32), torch.float32)
+    opt = adamw.build(model.parameters(), gradient_release=True, **adamw.kwargs)
+    prepare_for_gradient_release(model, opt)
+    try:
+        with model.no_sync():
+            model(torch.randn(2, 12))
+        results["no_sync_refused"] = False
+    except RuntimeError as error:
+        results["no_sync_refused"] = "no_sync" in str(error)
+    # a user's communication hook: clear error
+    model = ddp_net(fresh_init(torch.float32), torch.float32)
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    model.register_comm_hook(None, default_hooks.allreduce_hook)
+    opt = adamw.build(model.parameters(), gradient_release=True, **adamw.kwargs)
+    try:
+        prepare_for_gradient_release(model, opt)
+        results["user_hook_refused"] = False
+    except ValueError as error:
+        results["user_hook_refused"] = "communication hook" in str(error)
+    return results
+
+
+# -- memory ---------------------------------------------------------------------------------------
+
+
+def scenario_memory() -> dict[str, Any]:
+    """Peak live gradient bytes of one training step, normal vs gradient release."""
+    results: dict[str, Any] = {}
+    rows = my_rows()
+    data = make_data(2, 1, torch.float32)
+    for kind in ("fsdp2", "ddp"):
+        for release in (False, True):
+            init = fresh_init(torch.float32)
+            if kind == "fsdp2":
+                model = sharded_net(init, torch.float32)
+            else:
+                model = ddp_net(init, torch.float32, bucket_cap_mb=0.001)
+            tracker = track_gradient_peak(model)
+            opt = optimi.AdamW(model.parameters(), lr=1e-2, gradient_release=release)
+            if release:
+                prepare_for_gradient_release(model, opt)
+            for i, micro_batches in enumerate(data):
+                if i == 1:
+                    tracker.reset()  # DDP rebuilds its buckets (first bucket: 1 MiB) after iteration 1
+                x, y = micro_batches[0]
+                nn.functional.mse_loss(model(x[rows]), y[rows]).backward()
+                if not release:
+                    report = memory_report(model, opt)  # before the step: the gradients are alive
+                    opt.step()
+                    opt.zero_grad()
+            if release:
+                report = memory_report(model, opt)
+            results[f"{kind}/release={release}"] = report.to_dict()
+            results[f"{kind}/release={release}/str"] = str(report)
+    return results
+
+
+SCENARIOS = {"fsdp": scenario_fsdp, "ddp": scenario_ddp, "memory": scenario_memory}
+
+
+def main() -> None:
+    scenario, out = sys.argv[1], Path(sys.argv[2])
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        results = SCENARIOS[scenario]()
+        (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(results))
+    except Exception:
+        traceback.print_exc()
+        sys.stdout.flush()
+        os._exit(1)  # do not wait in destroy_process_group for a peer that may be stuck
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
