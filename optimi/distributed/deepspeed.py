@@ -1,7 +1,8 @@
 """DeepSpeed integration: optimi optimizers as DeepSpeed client optimizers under ZeRO 1, 2 and 3.
 
 DeepSpeed is imported lazily, inside the functions that need it, so importing this module never
-requires it (``pip install optimi[deepspeed]``).
+requires it (``pip install optimi[deepspeed]``). Importing it registers :func:`count_engine_tensors`
+with :func:`optimi.distributed.memory_report`, which then counts DeepSpeed engines.
 
 [Note: what DeepSpeed hands a client optimizer]
 Under ZeRO (stages 1, 2 and 3) DeepSpeed does not step the model's parameters. It flattens each
