@@ -120,7 +120,7 @@ def prepare_for_gradient_release(
     for _, param in trainable:
         hooks.handles.append(param.register_post_accumulate_grad_hook(_release_hook(optimizer)))
     setattr(model, _HOOKS_ATTR, hooks)
-    optimizer._gradient_release_active = True
+    optimizer.set_gradient_release_active(True)
 
 
 def remove_gradient_release(model: nn.Module) -> None:
@@ -139,7 +139,7 @@ def remove_gradient_release(model: nn.Module) -> None:
         return
     for handle in hooks.handles:
         handle.remove()
-    hooks.optimizer._gradient_release_active = False
+    hooks.optimizer.set_gradient_release_active(False)
     delattr(model, _HOOKS_ATTR)
 
 

@@ -289,6 +289,20 @@ class OptimiOptimizer(Optimizer):
         else:
             self._step_group(group, params, grads, states, step=step, accumulate=accumulate, backend=backend)
 
+    def set_gradient_release_active(self, active: bool) -> None:
+        """Mark gradient release hooks as installed (``True``) or removed (``False``).
+
+        While active, ``step()`` and ``zero_grad()`` are no-ops and debiasing counts steps per
+        parameter. On removal each group's step count catches up with its parameters' counts, so
+        Adam-family debiasing continues where release left off instead of restarting at step 1.
+        """
+        if not active:
+            for group in self.param_groups:
+                steps = [self.state[p]["step"] for p in group["params"] if "step" in self.state.get(p, {})]
+                if steps:
+                    group["step"] = max(group["step"], *steps)
+        self._gradient_release_active = active
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients; a no-op while gradient release hooks manage them."""
         if self._gradient_release_active:

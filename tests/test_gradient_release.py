@@ -514,6 +514,28 @@ def test_remove_restores_normal_stepping():
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("spec", OPTIMIZERS, ids=spec_id)
+def test_step_after_remove_continues_debiasing(spec):
+    """Release for a few steps, remove it, go on with step(): identical to step() throughout.
+
+    Release counts steps per parameter and step() per group; removal must carry the count over, or
+    Adam-family debiasing would restart at step 1.
+    """
+    expected = train_with_step(spec, torch.float32)
+    model = make_mlp()
+    optimizer = spec.optimi_cls(two_groups(model, spec.lr), lr=spec.lr, gradient_release=True, **spec.kwargs)
+    prepare_for_gradient_release(model, optimizer)
+    for step in range(STEPS // 2):
+        mlp_loss(model, step).backward()
+    remove_gradient_release(model)
+    for step in range(STEPS // 2, STEPS):
+        mlp_loss(model, step).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(group["step"] == STEPS for group in optimizer.param_groups)
+    assert_same_training(snapshot(model), expected, torch.float32)
+
+
 def test_remove_without_hooks_warns():
     with pytest.warns(UserWarning, match="no gradient release hooks"):
         remove_gradient_release(make_mlp())

@@ -127,7 +127,7 @@ def prepare_ddp_gradient_release(
     state.optimizer = optimizer
     state.active = True
     state.sync_check = model.register_forward_pre_hook(_refuse_no_sync)
-    optimizer._gradient_release_active = True
+    optimizer.set_gradient_release_active(True)
 
 
 def remove_ddp_gradient_release(model: DistributedDataParallel) -> bool:
@@ -142,7 +142,7 @@ def remove_ddp_gradient_release(model: DistributedDataParallel) -> bool:
     if state.sync_check is not None:
         state.sync_check.remove()
         state.sync_check = None
-    state.optimizer._gradient_release_active = False
+    state.optimizer.set_gradient_release_active(False)
     return True
 
 

@@ -97,7 +97,7 @@ def prepare_fsdp_gradient_release(
         hooks.handles.append(param.register_post_accumulate_grad_hook(_release_hook(optimizer)))
     hooks.sync_check = model.register_forward_pre_hook(_refuse_sync_off)
     setattr(model, _HOOKS_ATTR, hooks)
-    optimizer._gradient_release_active = True
+    optimizer.set_gradient_release_active(True)
 
 
 def remove_fsdp_gradient_release(model: nn.Module) -> bool:
@@ -109,7 +109,7 @@ def remove_fsdp_gradient_release(model: nn.Module) -> bool:
         handle.remove()
     if hooks.sync_check is not None:
         hooks.sync_check.remove()
-    hooks.optimizer._gradient_release_active = False
+    hooks.optimizer.set_gradient_release_active(False)
     delattr(model, _HOOKS_ATTR)
     return True
 
