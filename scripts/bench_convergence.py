@@ -1,0 +1,112 @@
+"""Convergence of the small GPT in fp32, pure bf16, bf16 + Kahan summation and mixed precision.
+
+    OMP_NUM_THREADS=1 python scripts/bench_convergence.py --steps 600 --plot docs/convergence.png
+
+Trains ``scripts/train.py``'s byte-level GPT on the standard library's source four times with the
+same seed, data order and optimizer (AdamW by default), changing only the precision:
+
+- fp32: fp32 parameters and optimizer state;
+- bf16: pure bf16 parameters and state, Kahan summation off (``kahan_sum=False``);
+- bf16 + Kahan: pure bf16 parameters and state with optimi's Kahan-compensated updates;
+- mixed: fp32 parameters and state, forward/backward under bf16 autocast.
+
+Prints a Markdown table of the held-out loss of each run and the share of the bf16 -> fp32 gap that
+Kahan summation closes, ``(bf16 - bf16_kahan) / (bf16 - fp32)``. With matplotlib installed
+(``pip install -e ".[bench]"``) ``--plot`` writes the smoothed training-loss curves as a PNG.
+Every other flag of ``scripts/train.py`` (model size, lr, schedule, batch) can be passed after ``--``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import train  # noqa: E402
+
+#: run name -> the train.py precision flags
+RUNS = {
+    "fp32": ["--dtype", "fp32"],
+    "bf16": ["--dtype", "bf16", "--kahan", "off"],
+    "bf16 + Kahan": ["--dtype", "bf16", "--kahan", "on"],
+    "mixed (bf16 autocast)": ["--dtype", "mixed"],
+}
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--optimizer", default="adamw")
+    parser.add_argument("--plot", default=None, help="write the loss curves to this PNG (needs matplotlib)")
+    parser.add_argument("train_args", nargs="*", help="extra scripts/train.py flags, after --")
+    args = parser.parse_args()
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, flags in RUNS.items():
+            metrics = Path(tmp) / f"{len(results)}.jsonl"
+            argv = ["--steps", str(args.steps), "--optimizer", args.optimizer, "--log-every", str(args.steps)]
+            argv += flags + ["--metrics-file", str(metrics)] + args.train_args
+            print(f"== {name}: train.py {' '.join(argv[:6] + flags + args.train_args)}", flush=True)
+            started = time.perf_counter()
+            val_loss = train.main(argv)
+            losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
+            results[name] = {"val": val_loss, "train": losses, "seconds": time.perf_counter() - started}
+
+    window = max(1, args.steps // 20)
+    print(f"\n| run | final train loss (mean of last {window} steps) | held-out loss | wall s |")
+    print("|---|---:|---:|---:|")
+    for name, r in results.items():
+        print(f"| {name} | {sum(r['train'][-window:]) / window:.4f} | {r['val']:.4f} | {r['seconds']:.0f} |")
+    fp32, bf16, kahan = (results[k]["val"] for k in ("fp32", "bf16", "bf16 + Kahan"))
+    gap = bf16 - fp32
+    if gap > 0:
+        print(
+            f"\nKahan summation closes {100 * (bf16 - kahan) / gap:.0f}% of the bf16 -> fp32 held-out gap ({gap:.4f})"
+        )
+    else:
+        print(f"\nno bf16 -> fp32 gap to close (bf16 - fp32 = {gap:.4f})")
+
+    if args.plot:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print('matplotlib is not installed (pip install -e ".[bench]"): no plot written')
+            return
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for name, r in results.items():
+            ax.plot(
+                range(1, len(r["train"]) + 1), smooth(r["train"], window), label=f"{name} (held-out {r['val']:.3f})"
+            )
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"training loss ({window}-step moving average)")
+        ax.set_ylim(top=min(4.0, ax.get_ylim()[1]))
+        ax.set_title(f"byte-level GPT on the Python stdlib, {args.optimizer}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        print(f"plot written to {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
