@@ -120,7 +120,7 @@ def prepare_config(optimizer: torch.optim.Optimizer, config: dict[str, Any]) -> 
 
     if _needs_whole_tensors(optimizer) and stage > 0:
         raise ValueError(
-            f"{name} computes statistics over whole tensors (like StableAdamW's per-tensor RMS of g/sqrt(v)), but "
+            f"{name} needs statistics of whole tensors (StableAdamW: each tensor's RMS of g/sqrt(v)), but "
             f"under ZeRO stage {stage} DeepSpeed hands the optimizer flat partitions that mix slices of several "
             "tensors, so the rule cannot be computed as written. Use an element-wise optimizer (AdamW), or "
             "DeepSpeed without ZeRO (stage 0), which steps whole tensors (fp32, or per-tensor fp32 copies in "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -345,6 +346,33 @@ def test_checkpoint_roundtrip_keeps_kahan_state(results):
     assert row["same_state"] and row["kahan_dtypes"] == ["torch.bfloat16"], row
     assert row["steps"] == [BF16_STEPS + 1] * 2 and row["lr"], row
     assert row["same_params_after_step"], row
+
+
+@needs_deepspeed
+def test_train_script_deepspeed_zero3_bf16_kahan(tmp_path):
+    """scripts/train.py --parallel deepspeed: ZeRO-3, bf16 master + Kahan, 2 micro-batches per step."""
+    root = Path(__file__).resolve().parents[2]
+    args = ["--parallel", "deepspeed", "--zero-stage", "3", "--dtype", "bf16", "--accumulation-steps", "2"]
+    args += ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "32", "--batch-size", "8"]
+    args += ["--steps", "8", "--warmup-steps", "2", "--eval-batches", "2", "--log-every", "4", "--lr", "1e-2"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1"]
+    cmd = ["timeout", "240", *launcher, f"--master_port={_free_port()}", str(root / "scripts" / "train.py")]
+    cmd += [*args, "--metrics-file", "m.jsonl"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    assert "parallel=deepspeed x2" in proc.stdout and "kahan=on" in proc.stdout
+    loss = [json.loads(line)["loss"] for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert len(loss) == 8 and loss[-1] < loss[0] - 0.3, loss
+    # memory_report's table: a header, then per rank the rank and one "<number> <unit>" or "-" per column
+    table = proc.stdout.split("memory per rank")[1].splitlines()
+    header = table[1].split()
+    for line, rank in zip(table[2:4], ("0", "1")):
+        first, rest = line.split(None, 1)
+        values = dict(zip(header[1:], re.findall(r"-|[\d.]+ (?:B|KiB|MiB|GiB)", rest)))
+        assert first == rank and values["kahan"] not in ("-", "0 B"), proc.stdout
 
 
 # --------------------------------------------------------------------------------------------
