@@ -9,6 +9,7 @@ every rank (the models are tiny).
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -465,6 +466,11 @@ def main() -> None:
         traceback.print_exc()
         sys.stdout.flush()
         os._exit(1)  # do not wait in destroy_process_group for a peer that may be stuck
+    # FSDP2 modules hold the process group through reference cycles: collect them so that the group
+    # is destroyed here, not at interpreter shutdown where gloo intermittently aborts a rank
+    # (same teardown as scripts/train.py)
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 
