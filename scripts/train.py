@@ -12,6 +12,11 @@ DDP, fp32 parameters with bf16 autocast, 4 micro-batches per step::
 
     torchrun --standalone --nproc_per_node 2 scripts/train.py --parallel ddp --dtype mixed --accumulation-steps 4
 
+DeepSpeed ZeRO-2, bf16 master weights with optimi's Kahan summation in place of DeepSpeed's fp32 master
+copy (``--dtype mixed`` gives DeepSpeed's default bf16 mode: fp32 master weights and optimizer states)::
+
+    DS_ACCELERATOR=cpu torchrun --standalone --nproc_per_node 2 scripts/train.py --parallel deepspeed --zero-stage 2
+
 Checkpoint every 100 steps, then continue from the newest checkpoint (on any number of ranks)::
 
     python scripts/train.py --steps 300 --checkpoint-dir ckpt --checkpoint-every 100
@@ -71,6 +76,8 @@ class TrainConfig:
 
     #: none (one process), ddp (DistributedDataParallel), fsdp2 (fully_shard), deepspeed
     parallel: str = "none"
+    #: ZeRO stage under --parallel deepspeed (1, 2 or 3; 0: data parallel without partitioning)
+    zero_stage: int = 2
     #: optimi optimizer, any of OPTIMIZERS
     optimizer: str = "adamw"
     #: fp32 params; bf16 params (pure low precision); mixed = fp32 params computed in bf16
@@ -175,6 +182,15 @@ def config_problem(config: TrainConfig) -> str | None:
                 "--gradient-release cannot serve --parallel deepspeed: the DeepSpeed engine owns the gradients "
                 "and calls optimizer.step() itself"
             )
+    if config.parallel == "deepspeed":
+        if config.zero_stage not in (0, 1, 2, 3):
+            return f"--zero-stage must be 0, 1, 2 or 3, not {config.zero_stage}"
+        if config.dtype == "bf16" and config.zero_stage == 0:
+            return "--dtype bf16 under --parallel deepspeed means bf16 master weights: DeepSpeed needs --zero-stage 1-3"
+        if config.checkpoint_dir is not None or config.resume is not None:
+            return "--checkpoint-dir/--resume are not wired for --parallel deepspeed (use engine.save_checkpoint)"
+    elif config.zero_stage != TrainConfig.zero_stage:
+        return "--zero-stage applies to --parallel deepspeed only"
     if config.kahan == "on" and config.dtype != "bf16":
         return f"--kahan on needs bf16 parameters (--dtype bf16); with --dtype {config.dtype} they are fp32"
     if config.resume == "latest" and config.checkpoint_dir is None:
@@ -202,9 +218,7 @@ def init_runtime(config: TrainConfig) -> Runtime:
     """Read torchrun's environment and start the process group for ddp/fsdp2 (gloo on CPU, nccl on CUDA)."""
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if config.parallel == "deepspeed":
-        raise SystemExit("--parallel deepspeed is not wired into scripts/train.py yet (see optimi.distributed)")
-    if config.parallel in ("ddp", "fsdp2") and not under_torchrun:
+    if config.parallel in ("ddp", "fsdp2", "deepspeed") and not under_torchrun:
         raise SystemExit(
             f"--parallel {config.parallel} needs torchrun to start its ranks, e.g. "
             f"torchrun --standalone --nproc_per_node 2 scripts/train.py --parallel {config.parallel} ..."
@@ -220,13 +234,28 @@ def init_runtime(config: TrainConfig) -> Runtime:
         torch.cuda.set_device(device)
     if config.parallel == "none":
         return Runtime(rank=0, world_size=1, device=device)
+    if config.parallel == "deepspeed":
+        if not use_cuda:
+            # DeepSpeed picks its accelerator once, on first use; on CPU it must be told
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        try:
+            import deepspeed
+        except ImportError as error:
+            raise SystemExit(f"--parallel deepspeed needs DeepSpeed (pip install optimi[deepspeed]): {error}") from None
+        if not use_cuda:
+            # on CPU DeepSpeed JIT-compiles a shared-memory all-reduce op when its comm backend starts
+            # (30 s and more); only its inference all-reduce uses it, never training: skip it through
+            # DeepSpeed's own (cached, mutable) table of compatible ops
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+        return Runtime(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return Runtime(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
 
 
 def parallelize(model: nn.Module, config: TrainConfig, runtime: Runtime) -> nn.Module:
-    """Wrap ``model`` for ``config.parallel``; one branch per mode."""
-    if config.parallel == "none":
+    """Wrap ``model`` for ``config.parallel``; one branch per mode (DeepSpeed: see ``deepspeed_engine``)."""
+    if config.parallel in ("none", "deepspeed"):
         return model
     if config.parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -261,6 +290,51 @@ def no_gradient_sync(model: nn.Module, config: TrainConfig, sync: bool) -> conte
     if config.parallel == "fsdp2":
         model.set_requires_gradient_sync(False)
     return contextlib.nullcontext()
+
+
+def deepspeed_engine(
+    model: nn.Module,
+    optimizer: optimi.OptimiOptimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    config: TrainConfig,
+    runtime: Runtime,
+) -> nn.Module:
+    """The DeepSpeed engine training ``model`` with ``optimizer`` under ZeRO ``--zero-stage``.
+
+    ``--dtype bf16``: bf16 master weights and optimizer states, optimi's Kahan buffers instead of
+    the fp32 master copy; ``--dtype mixed``: DeepSpeed's default bf16 (fp32 master weights and
+    optimizer states); ``--dtype fp32``: fp32 throughout. DeepSpeed steps the optimizer and the
+    scheduler in ``engine.step()`` and accumulates ``--accumulation-steps`` micro-batches itself.
+    """
+    from optimi.distributed.deepspeed import initialize
+
+    n_params = sum(p.numel() for p in model.parameters())
+    ds_config = {
+        "train_batch_size": config.batch_size,
+        "train_micro_batch_size_per_gpu": config.batch_size // (runtime.world_size * config.accumulation_steps),
+        "gradient_accumulation_steps": config.accumulation_steps,
+        "gradient_clipping": config.grad_clip,
+        "zero_optimization": {
+            "stage": config.zero_stage,
+            # DeepSpeed's default buckets hold 5e8 elements, allocated in full under ZeRO-3 (1 GB in bf16):
+            # one model's worth is enough for a model this size
+            "reduce_bucket_size": n_params,
+            "allgather_bucket_size": n_params,
+            "stage3_prefetch_bucket_size": n_params,
+        },
+    }
+    if config.dtype == "bf16":
+        ds_config["bf16"] = {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
+    elif config.dtype == "mixed":
+        ds_config["bf16"] = {"enabled": True}
+    try:
+        setup = initialize(model, optimizer, ds_config, lr_scheduler=scheduler)
+    except ValueError as error:  # e.g. StableAdamW on flat ZeRO partitions
+        raise SystemExit(f"--parallel deepspeed: {error}") from None
+    if runtime.is_main:
+        for change in setup.changes:
+            print(f"deepspeed config: {change}")
+    return setup.engine
 
 
 def all_mean(value: torch.Tensor, runtime: Runtime) -> float:
@@ -359,9 +433,13 @@ def _train(config: TrainConfig, runtime: Runtime) -> float:
         # DDP and FSDP2 models are handed to optimi.distributed (reduce first, step the local shard)
         optimi.prepare_for_gradient_release(model, optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
+    use_deepspeed = config.parallel == "deepspeed"
+    if use_deepspeed:
+        model = deepspeed_engine(model, optimizer, scheduler, config, runtime)
     data_order = torch.Generator().manual_seed(config.seed)  # its state is the data position
-    # autocast for mixed precision; FSDP2 casts through its MixedPrecisionPolicy instead
-    autocast_on = config.dtype == "mixed" and config.parallel != "fsdp2"
+    # autocast for mixed precision; FSDP2 casts through its MixedPrecisionPolicy, DeepSpeed keeps a
+    # bf16 model next to its fp32 master weights
+    autocast_on = config.dtype == "mixed" and config.parallel not in ("fsdp2", "deepspeed")
 
     kahan = "on" if config.dtype == "bf16" and config.kahan != "off" else "off"
     log(
@@ -393,8 +471,11 @@ def _train(config: TrainConfig, runtime: Runtime) -> float:
             starts = train_data.starts(micro_global, data_order)[runtime.rank * local : (runtime.rank + 1) * local]
             batches.append(tuple(t.to(runtime.device) for t in train_data.batch(starts)))
         lr = optimizer.param_groups[0]["lr"]
-        loss = train_step(model, optimizer, batches, config, autocast_on)
-        scheduler.step()
+        if use_deepspeed:
+            loss = deepspeed_step(model, batches)  # the engine steps the optimizer and the scheduler
+        else:
+            loss = train_step(model, optimizer, batches, config, autocast_on)
+            scheduler.step()
 
         losses.append(all_mean(loss, runtime))
         if metrics is not None:
@@ -448,6 +529,21 @@ def train_step(
     # under gradient release the parameters were stepped inside backward and these are no-ops
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return step_loss
+
+
+def deepspeed_step(engine: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """One optimizer step of a DeepSpeed engine over ``batches``; returns the mean loss.
+
+    The engine scales each micro-batch's loss by 1/``gradient_accumulation_steps``, reduces the
+    gradients and, after the last micro-batch, steps the optimizer and the LR scheduler.
+    """
+    step_loss = torch.zeros((), device=batches[0][0].device)
+    for inputs, targets in batches:
+        loss = engine(inputs, targets)
+        engine.backward(loss)
+        engine.step()
+        step_loss += loss.detach().float() / len(batches)
     return step_loss
 
 
