@@ -47,6 +47,17 @@ with ``alpha`` is computed the way each device's eager kernel computes it (one f
 or on CPU bf16 a bf16-rounded ``alpha``). The parameter, moments and Kahan buffer therefore
 follow eager's roundings and the Kahan bookkeeping is exact.
 
+On CPU the Kahan buffer is the exception. Kahan summation needs one exact rounding per element,
+that of the new parameter, so that ``c - (p_new - p_old)`` holds what the bf16 store dropped. The
+rule's updates to the buffer (decoupled decay, the step, the compensation itself) are therefore
+summed in a float32 copy of it that the kernel stores, rounded, once at the end: three of the
+seven in-kernel roundings of bf16 AdamW's element fewer. The buffer then differs from eager's
+in bits far below the parameter's last place (``p + c`` agrees to a few hundredths of its ulp),
+and ``p`` itself by one ulp where ``p + c`` lies next to a rounding tie. The moments keep eager's
+roundings: rounding them only at their final store would let multi-step updates (SGD's
+``b = mu b + g``, Adan's ``n``) differ by several ulps where they cancel. CUDA keeps the Kahan
+buffer in bf16 (its casts are emulated and cheap).
+
 Two deliberate differences remain. The rule's temporaries live in a float32 copy of the gradient
 rather than in the bf16 gradient buffer: rounding them (the Adam denominator, the Kahan scratch)
 costs instructions in a kernel that should be memory-bound, and leaving them unrounded is more
@@ -54,7 +65,8 @@ accurate. Rules that put an intermediate into the gradient buffer before a state
 (Adam/RAdam's L2 term, Lion's ``g - m``) therefore round once where the for-loop rounds twice.
 And the compilers may order float32 arithmetic differently. Measured per step from the same
 state (``tests/test_fused.py``): fp32 agrees to 1e-6 relative over whole runs; bf16+Kahan agrees
-to one ulp on >= 99.98% of elements (mostly bit-identical), 99.7% for Adam/RAdam with L2 and Lion.
+to one ulp on >= 99.98% of elements (mostly bit-identical; Kahan pairs compared as ``p + c``),
+99.7% for Adam/RAdam with L2 and Lion.
 
 [Note: reductions and collectives]
 An update rule may reduce over its tensor (``ops.sum``): Inductor then emits a reduction kernel
@@ -237,6 +249,7 @@ def _make_step(
     scalars that travel among the tensors, e.g. StableAdamW's clipped learning rate).
     """
     ops = FUSED_OPS["cpu" if device_type == "cpu" else "cuda"]
+    kahan_in_float32 = device_type == "cpu"
     eager = {name: torch._dynamo.disable(fn) for name, fn in static.items() if callable(fn)}
     static = {**static, **eager}
 
@@ -249,7 +262,14 @@ def _make_step(
             # a private float32 copy of the gradient: the rule's temporaries live there unrounded
             # and the kernel never stores it ([Note: fused numerics])
             args[1] = args[1].float() if args[1].dtype in _LOW_PRECISION else args[1].clone()
+        comp = args[-1]
+        if kahan_in_float32 and isinstance(comp, Tensor) and comp.dtype in _LOW_PRECISION:
+            # CPU: the Kahan buffer's updates are summed in a float32 copy and stored once; the
+            # parameter's rounding alone keeps the compensation exact ([Note: fused numerics])
+            args[-1] = comp.float()
         update(ops, *args, **scalars, **static)
+        if args[-1] is not comp:
+            comp.copy_(args[-1])
 
     if _COMPILE_HAS_ISOLATION:
         options = dict(isolate_recompiles=True)

@@ -15,7 +15,17 @@ from torch._dynamo.utils import counters
 
 import optimi
 from optimi._fused import compiled_configurations
-from tests.cases import OPTIMIZERS, SHAPES, STEPS, lr_at, make_params, max_relative_error, synthetic_grad, train
+from tests.cases import (
+    OPTIMIZERS,
+    SHAPES,
+    STEPS,
+    clone_params,
+    lr_at,
+    make_params,
+    max_relative_error,
+    synthetic_grad,
+    train,
+)
 
 pytestmark = pytest.mark.skipif(not hasattr(torch, "compile"), reason="the fused backend needs torch.compile")
 
@@ -26,6 +36,8 @@ FP32_TOLERANCE = 1e-6
 #: gradient copy in float32, so it rounds once where the for-loop rounds twice; 99.7% of elements
 #: agree to one ulp (measured), the rest to a few ulps of a value that cancelled to nearly zero
 ROUNDS_GRADIENT_INTERMEDIATE = {"adam": 0.995, "radam": 0.995, "lion": 0.995}
+#: Kahan compensation buffers and the weight each compensates (``None``: the parameter itself)
+COMPENSATIONS = {"kahan_comp": None, "slow_comp": "slow_param"}
 MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
 
 
@@ -101,13 +113,17 @@ def check_fused_bf16_kahan_steps(spec, device: torch.device | str, fused_flags: 
         for a, b in zip(loop_params, fused_params):
             loop_state, fused_state = loop.state[a], fused.state[b]
             for key, value in loop_state.items():
-                if key != "kahan_comp" and torch.is_tensor(value) and value.is_floating_point():
+                if key not in COMPENSATIONS and torch.is_tensor(value) and value.is_floating_point():
                     distances.append(ulp_distance(fused_state[key].double(), value.double(), value.dtype).flatten())
-            # the Kahan buffer holds what the bf16 parameter has not absorbed yet: compare the
-            # value the pair represents, p + c, in ulps of the parameter
-            loop_value = a.detach().double() + loop_state["kahan_comp"].double()
-            fused_value = b.detach().double() + fused_state["kahan_comp"].double()
-            distances.append(ulp_distance(fused_value, loop_value, torch.bfloat16).flatten())
+            # a Kahan buffer holds what its bf16 weight has not absorbed yet: compare the value
+            # the pair represents, p + c, in ulps of the weight
+            for compensation, weight in COMPENSATIONS.items():
+                if compensation in loop_state:
+                    loop_weight = a if weight is None else loop_state[weight]
+                    fused_weight = b if weight is None else fused_state[weight]
+                    loop_value = loop_weight.detach().double() + loop_state[compensation].double()
+                    fused_value = fused_weight.detach().double() + fused_state[compensation].double()
+                    distances.append(ulp_distance(fused_value, loop_value, torch.bfloat16).flatten())
     distances = torch.cat(distances)
     within = (distances <= 1).double().mean().item()
     required = ROUNDS_GRADIENT_INTERMEDIATE.get(spec.name, 0.999)
@@ -133,6 +149,25 @@ def test_fused_equals_for_loop_fp32(spec):
 @pytest.mark.parametrize("spec", OPTIMIZERS, ids=spec_id)
 def test_fused_equals_for_loop_bf16_kahan(spec):
     check_fused_bf16_kahan_steps(spec, "cpu", dict(fused=True))
+
+
+@pytest.mark.parametrize("spec", OPTIMIZERS, ids=spec_id)
+def test_fused_kahan_stays_closer_to_fp32(spec):
+    """Kahan summation inside the fused kernel still compensates: a bf16 run tracks fp32 far better.
+
+    The kernel must round the new parameter explicitly (Inductor would keep it in float32) for the
+    compensation ``c - (p_new - p_old)`` to hold what the bf16 store dropped; without that rounding
+    the compensation stays zero and both bf16 runs drift alike.
+    """
+    steps, lr = 60, spec.lr
+    fp32 = make_params(torch.float32, shapes=FUSED_SHAPES)
+    train(spec.optimi_cls(fp32, lr=lr, foreach=False, **spec.kwargs), fp32, lr, steps)
+    distances = {}
+    for kahan in (True, False):
+        low = clone_params(make_params(torch.float32, shapes=FUSED_SHAPES), torch.bfloat16)
+        train(spec.optimi_cls(low, lr=lr, kahan_sum=kahan, fused=True, **spec.kwargs), low, lr, steps)
+        distances[kahan] = sum((a.float() - b).norm().item() for a, b in zip(low, fp32))
+    assert distances[True] < 0.5 * distances[False], distances
 
 
 def test_fused_compiles_once_per_configuration():
