@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from optimi._kernels import (
@@ -16,7 +14,8 @@ from optimi._kernels import (
     update_target,
     weight_decay_terms,
 )
-from optimi.optimizer import SHARED_ARGS_DOC, OptimiOptimizer, check_betas, check_range
+from optimi.adam import Adam
+from optimi.optimizer import SHARED_ARGS_DOC
 
 __all__ = ["RAdam", "radam"]
 
@@ -40,7 +39,7 @@ RADAM_MATH = r"""
 """
 
 
-class RAdam(OptimiOptimizer):
+class RAdam(Adam):
     __doc__ = rf"""RAdam optimizer: Adam whose adaptive step is rectified for the variance of the early
     second-moment estimate (Liu et al., 2020, "On the Variance of the Adaptive Learning Rate and
     Beyond", https://arxiv.org/abs/1908.03265).
@@ -61,47 +60,6 @@ class RAdam(OptimiOptimizer):
         eps: Added to the denominator for numerical stability (default: 1e-6).
         decouple_wd: Apply decoupled weight decay instead of L2 penalty (default: False).
 {SHARED_ARGS_DOC}"""
-
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float,
-        betas: tuple[float, float] = (0.9, 0.99),
-        weight_decay: float = 0,
-        eps: float = 1e-6,
-        decouple_wd: bool = False,
-        decouple_lr: bool = False,
-        max_lr: float | None = None,
-        kahan_sum: bool | None = None,
-        foreach: bool | None = None,
-        triton: bool | None = None,
-        gradient_release: bool = False,
-        fused: bool | None = None,
-    ):
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas) if isinstance(betas, list) else betas,
-            weight_decay=weight_decay,
-            eps=eps,
-            decouple_wd=decouple_wd,
-            decouple_lr=decouple_lr,
-            max_lr=max_lr,
-            kahan_sum=kahan_sum,
-            foreach=foreach,
-            triton=triton,
-            gradient_release=gradient_release,
-            fused=fused,
-        )
-        super().__init__(params, defaults)
-
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        super()._validate_group(group)
-        check_betas(group["betas"], 2)
-        check_range("eps", group["eps"], 0.0)
-
-    def _init_state(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
     def _step_group(
         self,
