@@ -68,6 +68,23 @@ state (``tests/test_fused.py``): fp32 agrees to 1e-6 relative over whole runs; b
 to one ulp on >= 99.98% of elements (mostly bit-identical; Kahan pairs compared as ``p + c``),
 99.7% for Adam/RAdam with L2 and Lion.
 
+[Note: packed bf16 columns]
+On CPU a bf16 kernel spends more instructions converting than computing: each load widens bf16
+to float32 and each store rounds back to nearest-even with a NaN check (seven integer
+instructions per 16 values: Inductor does not target AVX512-BF16's conversion instruction), on
+top of the exact roundings above. When every tensor of a row is bf16 with an even length and an
+even storage offset, the fused step instead views each column as int32 words that each hold two
+bf16 values. A bf16 value is the upper half of the float32 with the same value, so one shift
+(even element) or one mask (odd element) turns a word into two float32 values. The update rule
+runs twice, on the even and on the odd halves, under :class:`PackedOps`, which rounds each store
+exactly as :class:`FusedOps` rounds a bf16 store; every value written is then exactly
+representable in bf16, and a pair goes back into its word with one shift and one bitwise select.
+Only the columns the rule wrote are stored (StableAdamW's first pass leaves the parameter and
+the Kahan buffer untouched). The result is bit-identical to the plain fused kernel
+(``tests/test_fused.py``) and the bf16+Kahan AdamW step runs ~1.35x faster on a 2-core AVX-512
+CPU (docs/benchmarks.md). Rows with an odd length or offset, other dtypes, and CUDA (where
+Inductor's conversions are cheap) run the plain kernel.
+
 [Note: reductions and collectives]
 An update rule may reduce over its tensor (``ops.sum``): Inductor then emits a reduction kernel
 followed by the elementwise pass. StableAdamW instead splits its step into two rules and sums
@@ -149,9 +166,14 @@ class FusedOps(TensorOps):
     def __init__(self, round_stores: bool):
         self.round_stores = round_stores
 
+    def dtype_of(self, x: Tensor) -> torch.dtype:
+        """The dtype ``x`` stands for: its own here, bf16 for a half of a packed column."""
+        return x.dtype
+
     def _store(self, x: Tensor, value: Tensor) -> Tensor:
-        if self.round_stores and x.dtype in _SPLIT:
-            value = _round_to(value, x.dtype)
+        dtype = self.dtype_of(x)
+        if self.round_stores and dtype in _SPLIT:
+            value = _round_to(value, dtype)
         return x.copy_(value)
 
     def copy_(self, dst: Tensor, src: Tensor) -> Tensor:
@@ -163,9 +185,10 @@ class FusedOps(TensorOps):
                 return self._store(x, _opmath(x) + _opmath(y))
             alpha = torch.full((), float(alpha), dtype=torch.float64, device=x.device)
         alpha = alpha.to(_opmath(x).dtype)
-        if x.dtype in _LOW_PRECISION and x.device.type == "cpu":
+        dtype = self.dtype_of(x)
+        if dtype in _LOW_PRECISION and x.device.type == "cpu":
             # eager's CPU kernel rounds alpha to the tensor's dtype for bf16/fp16 ...
-            return self._store(x, _opmath(x) + _opmath(y) * alpha.to(x.dtype).float())
+            return self._store(x, _opmath(x) + _opmath(y) * alpha.to(dtype).float())
         # ... and computes x + alpha * y as one fused multiply-add otherwise
         return self._store(x, _fma(_opmath(y), alpha, _opmath(x)))
 
@@ -210,16 +233,57 @@ class FusedOps(TensorOps):
 
     def clamp_min(self, x: Tensor, value: float | Tensor) -> Tensor:
         result = _opmath(x).clamp_min(_scalar(value, x))
-        if self.round_stores and x.dtype in _SPLIT:
-            result = _round_to(result, x.dtype)
+        dtype = self.dtype_of(x)
+        if self.round_stores and dtype in _SPLIT:
+            result = _round_to(result, dtype)
         return result.to(x.dtype)
+
+
+class PackedOps(FusedOps):
+    """:class:`FusedOps` over the float32 halves of bf16 columns packed two to an int32.
+
+    Every tensor the rule sees is a float32 half (see [Note: packed bf16 columns]) and stands for
+    a bf16 tensor, except those in ``exact``: the gradient's private copy and the Kahan buffer,
+    whose values stay unrounded float32 as in :class:`FusedOps`. The tensors the rule writes are
+    recorded in ``written``, so that only those are packed and stored back.
+    """
+
+    def __init__(self, exact: Sequence[Tensor]):
+        super().__init__(round_stores=True)
+        self.exact = tuple(exact)
+        self.written: list[Tensor] = []
+
+    def dtype_of(self, x: Tensor) -> torch.dtype:
+        return x.dtype if any(x is t for t in self.exact) else torch.bfloat16
+
+    def _store(self, x: Tensor, value: Tensor) -> Tensor:
+        self.written.append(x)
+        return super()._store(x, value)
+
+
+_HIGH_HALF = -65536  # 0xFFFF0000 as an int32
+
+
+def _unpack(words: Tensor) -> tuple[Tensor, Tensor]:
+    """The two bf16 values of each int32 of ``words`` as float32: (even elements, odd elements)."""
+    return (words << 16).view(torch.float32), (words & _HIGH_HALF).view(torch.float32)
+
+
+def _pack(even: Tensor, odd: Tensor) -> Tensor:
+    """The inverse of :func:`_unpack` for values already rounded to bf16: the low halves are zero."""
+    return ((even.view(torch.int32) >> 16) & 0xFFFF) | (odd.view(torch.int32) & _HIGH_HALF)
 
 
 #: CPU: explicit rounding, Inductor's casts not emulated; CUDA: Triton contracts ``a * b - c`` into
 #: a fused multiply-add, which would defeat the splitting, so Inductor emulates the casts there
 FUSED_OPS = {"cpu": FusedOps(round_stores=True), "cuda": FusedOps(round_stores=False)}
 
-# (update, device type, dtype, None pattern, static switches, scalar names) -> compiled step
+#: run CPU bf16 rows as int32 pairs ([Note: packed bf16 columns]); tests and benchmarks switch it
+#: off to compare with the plain fused kernel, which gives the same bits more slowly
+PACK_BF16_PAIRS = True
+
+# (update, packed, device type, dtypes and None pattern, static switches, scalar names, gradient
+# is output) -> compiled step
 _COMPILED: dict[tuple, Callable[..., None]] = {}
 
 _COMPILE_HAS_ISOLATION = "isolate_recompiles" in inspect.signature(torch.compile).parameters
@@ -242,22 +306,28 @@ def _make_step(
     number_columns: tuple[int, ...],
     gradient_is_output: bool,
     device_type: str,
+    packed: bool,
 ) -> Callable[..., None]:
     """Compile ``update`` for one configuration: ``step(packed_scalars, *flat_tensors)``.
 
     ``packed_scalars`` holds the named scalars, then one value per number column (per-tensor
-    scalars that travel among the tensors, e.g. StableAdamW's clipped learning rate).
+    scalars that travel among the tensors, e.g. StableAdamW's clipped learning rate). With
+    ``packed`` the tensors are bf16 columns viewed as int32 pairs ([Note: packed bf16 columns]).
     """
     ops = FUSED_OPS["cpu" if device_type == "cpu" else "cuda"]
     kahan_in_float32 = device_type == "cpu"
     eager = {name: torch._dynamo.disable(fn) for name, fn in static.items() if callable(fn)}
     static = {**static, **eager}
 
-    def fused_step(packed: Tensor, *columns: Tensor | None) -> None:
-        scalars = {name: packed[i] for i, name in enumerate(names)}
+    def arguments(packed_scalars: Tensor, columns: Sequence[Tensor | None]) -> tuple[list[Any], dict[str, Any]]:
+        scalars = {name: packed_scalars[i] for i, name in enumerate(names)}
         args = list(columns)
         for j, column in enumerate(number_columns):
-            args[column] = packed[len(names) + j]
+            args[column] = packed_scalars[len(names) + j]
+        return args, scalars
+
+    def fused_step(packed_scalars: Tensor, *columns: Tensor | None) -> None:
+        args, scalars = arguments(packed_scalars, columns)
         if not gradient_is_output:
             # a private float32 copy of the gradient: the rule's temporaries live there unrounded
             # and the kernel never stores it ([Note: fused numerics])
@@ -271,15 +341,39 @@ def _make_step(
         if args[-1] is not comp:
             comp.copy_(args[-1])
 
+    def packed_step(packed_scalars: Tensor, *columns: Tensor | None) -> None:
+        args, scalars = arguments(packed_scalars, columns)
+        is_word = [i not in number_columns and isinstance(c, Tensor) for i, c in enumerate(columns)]
+        halves = [_unpack(c) if word else (c, c) for c, word in zip(args, is_word)]
+        comp = args[-1]
+        written = []
+        for half in (0, 1):
+            half_args = [pair[half] for pair in halves]
+            # the gradient half is already a private float32 copy ([Note: fused numerics])
+            exact = [half_args[-1]] if isinstance(comp, Tensor) else []
+            if not gradient_is_output:
+                exact.append(half_args[1])
+            half_ops = PackedOps(exact)
+            update(half_ops, *half_args, **scalars, **static)
+            written.append(half_ops.written)
+        for i, (even, odd) in enumerate(halves):
+            if not is_word[i] or not any(even is t for t in written[0]):
+                continue
+            if i == len(halves) - 1:  # the Kahan buffer, summed unrounded: round it once now
+                even, odd = _round_to(even, torch.bfloat16), _round_to(odd, torch.bfloat16)
+            args[i].copy_(_pack(even, odd))
+
     if _COMPILE_HAS_ISOLATION:
         options = dict(isolate_recompiles=True)
     else:
         # older torch: a private code object gives this configuration its own recompile budget
         fused_step.__code__ = fused_step.__code__.replace()
+        packed_step.__code__ = packed_step.__code__.replace()
         options = {}
     # CUDA: bf16 tensors round where eager rounds through Inductor's casts ([Note: fused numerics])
     emulate = not ops.round_stores
-    return torch.compile(fused_step, dynamic=True, options={"emulate_precision_casts": emulate}, **options)
+    step = packed_step if packed else fused_step
+    return torch.compile(step, dynamic=True, options={"emulate_precision_casts": emulate}, **options)
 
 
 def run_fused(
@@ -315,8 +409,10 @@ def run_fused(
             update(TENSOR_OPS, *row, **scalars, **{k: v[index] for k, v in per_tensor.items()})
             continue
         number_columns = tuple(i for i, t in enumerate(row) if t is not None and not isinstance(t, Tensor))
+        packed = _packable(tensors)
         key = (
             update,
+            packed,
             param.device.type,
             tuple(None if t is None else t.dtype if isinstance(t, Tensor) else "number" for t in row),
             static_key,
@@ -326,17 +422,26 @@ def run_fused(
         step = _COMPILED.get(key)
         if step is None:
             step = _COMPILED[key] = _make_step(
-                update, names, static, number_columns, gradient_is_output, param.device.type
+                update, names, static, number_columns, gradient_is_output, param.device.type, packed
             )
         if per_tensor or number_columns:
             values = shared + [_as_float(v[index]) for v in per_tensor.values()]
             values += [_as_float(row[i]) for i in number_columns]
-            packed = _pack(values, param.device)
+            scalars_tensor = _pack_scalars(values, param.device)
         else:
-            packed = packed_on.get(param.device)
-            if packed is None:
-                packed = packed_on[param.device] = _pack(shared, param.device)
-        step(packed, *(_flat(t) if isinstance(t, Tensor) else None for t in row))
+            scalars_tensor = packed_on.get(param.device)
+            if scalars_tensor is None:
+                scalars_tensor = packed_on[param.device] = _pack_scalars(shared, param.device)
+        flat = _flat_words if packed else _flat
+        step(scalars_tensor, *(flat(t) if isinstance(t, Tensor) else None for t in row))
+
+
+def _packable(tensors: Sequence[Tensor]) -> bool:
+    """Whether a row of tensors can run as int32 pairs of bf16 ([Note: packed bf16 columns])."""
+    return PACK_BF16_PAIRS and all(
+        t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.numel() % 2 == 0 and t.storage_offset() % 2 == 0
+        for t in tensors
+    )
 
 
 def _flat(tensor: Tensor) -> Tensor:
@@ -348,13 +453,19 @@ def _flat(tensor: Tensor) -> Tensor:
     return flat.set_(tensor.untyped_storage(), tensor.storage_offset(), (tensor.numel(),), (1,))
 
 
+def _flat_words(tensor: Tensor) -> Tensor:
+    """A bf16 tensor's memory as 1-D int32: element pairs ``(2i, 2i + 1)`` share word ``i``."""
+    flat = tensor.new_empty(0, dtype=torch.int32)
+    return flat.set_(tensor.untyped_storage(), tensor.storage_offset() // 2, (tensor.numel() // 2,), (1,))
+
+
 def _as_float(value: Any) -> float | Tensor:
     if isinstance(value, Tensor):
         return value.detach().to(torch.float64).reshape(())
     return float(value)
 
 
-def _pack(values: list[float | Tensor], device: torch.device) -> Tensor:
+def _pack_scalars(values: list[float | Tensor], device: torch.device) -> Tensor:
     """All numeric hyperparameters of one call as one float64 tensor on ``device``."""
     if any(isinstance(v, Tensor) for v in values):
         return torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device) for v in values])

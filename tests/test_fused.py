@@ -14,6 +14,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import optimi
+from optimi import _fused
 from optimi._fused import compiled_configurations
 from tests.cases import (
     OPTIMIZERS,
@@ -29,7 +30,9 @@ from tests.cases import (
 
 pytestmark = pytest.mark.skipif(not hasattr(torch, "compile"), reason="the fused backend needs torch.compile")
 
-FUSED_SHAPES = [shape for shape in SHAPES if torch.Size(shape).numel() > 1]
+#: an odd length (5, 7) keeps a bf16 row off the packed int32-pair kernel, so the bf16 cases run
+#: both CPU kernels ([Note: packed bf16 columns] in ``optimi/_fused.py``)
+FUSED_SHAPES = [shape for shape in SHAPES if torch.Size(shape).numel() > 1] + [(5, 7)]
 FP32_TOLERANCE = 1e-6
 #: rules that round an intermediate in the (bf16) gradient buffer before a state reads it: Adam and
 #: RAdam add the L2 term ``g += wd * p``, Lion forms ``g - m`` there. The fused step keeps its
@@ -170,8 +173,67 @@ def test_fused_kahan_stays_closer_to_fp32(spec):
     assert distances[True] < 0.5 * distances[False], distances
 
 
+def test_pack_unpack_round_trip_keeps_every_bit():
+    """A word splits into its two bf16 values as float32 and packs back unchanged, NaNs included."""
+    generator = torch.Generator().manual_seed(0)
+    specials = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40, -3.0e38, 1.0])
+    special_words = specials.to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
+    words = torch.cat(
+        [
+            torch.randint(-(2**31), 2**31 - 1, (4096,), dtype=torch.int32, generator=generator),
+            special_words | (special_words.roll(1) << 16),
+        ]
+    )
+    even, odd = _fused._unpack(words)
+    assert torch.equal(_fused._pack(even, odd), words)
+    as_bf16 = words.view(torch.bfloat16)
+    assert torch.equal(even.view(torch.int32), as_bf16[0::2].float().view(torch.int32))
+    assert torch.equal(odd.view(torch.int32), as_bf16[1::2].float().view(torch.int32))
+
+
+def state_tensors(optimizer: optimi.OptimiOptimizer, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [p.detach() for p in params] + [
+        value for p in params for value in optimizer.state[p].values() if torch.is_tensor(value) and value.dim() > 0
+    ]
+
+
+@pytest.mark.parametrize("spec", OPTIMIZERS, ids=spec_id)
+def test_packed_bf16_pairs_equal_plain_fused_kernel(spec, monkeypatch):
+    """The int32-pair kernel gives the plain fused kernel's bits: parameters, states, Kahan buffers."""
+    results, word_views, flat_words = [], [], _fused._flat_words
+    monkeypatch.setattr(_fused, "_flat_words", lambda t: word_views.append(t) or flat_words(t))
+    for packed in (True, False):
+        monkeypatch.setattr(_fused, "PACK_BF16_PAIRS", packed)
+        word_views.clear()
+        params = params_on("cpu", torch.bfloat16)
+        optimizer = spec.optimi_cls(params, lr=spec.lr, fused=True, **spec.kwargs)
+        train_on(optimizer, params, spec.lr, steps=6)
+        results.append(state_tensors(optimizer, params))
+        # the even-length rows really ran as int32 pairs, and only when enabled
+        assert bool(word_views) == packed
+    assert len(results[0]) == len(results[1]) > len(FUSED_SHAPES)
+    for packed, plain in zip(*results):
+        assert torch.equal(packed.view(torch.int16), plain.view(torch.int16))
+    assert not torch.equal(results[0][0], params_on("cpu", torch.bfloat16)[0])
+
+
+def test_odd_storage_offset_runs_the_plain_kernel_with_the_same_bits():
+    """A bf16 parameter at an odd offset in its storage cannot be viewed as int32 pairs."""
+    results = []
+    for offset in (0, 1):
+        storage = torch.zeros(offset + 48 * 32, dtype=torch.bfloat16)
+        storage[offset:] = params_on("cpu", torch.bfloat16)[0].detach().flatten()
+        param = torch.nn.Parameter(storage[offset:].view(48, 32))
+        assert param.storage_offset() == offset
+        optimizer = optimi.AdamW([param], lr=1e-2, weight_decay=0.1, fused=True)
+        train_on(optimizer, [param], 1e-2, steps=4)
+        results.append(state_tensors(optimizer, [param]))
+    for even, odd in zip(*results):
+        assert torch.equal(even.view(torch.int16), odd.view(torch.int16))
+
+
 def test_fused_compiles_once_per_configuration():
-    """20 steps with a changing LR over 3 shapes compile at most one kernel for the configuration."""
+    """20 steps with a changing LR over 4 shapes compile at most one kernel for the configuration."""
     params = make_params(torch.float32, shapes=FUSED_SHAPES)
     optimizer = optimi.Adam(params, lr=1e-2, weight_decay=0.1, fused=True)
     graphs, configurations = counters["stats"]["unique_graphs"], compiled_configurations()
