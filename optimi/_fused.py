@@ -97,6 +97,7 @@ would be wrapped in ``torch._dynamo.disable``, so Dynamo splits the compiled reg
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -284,9 +285,12 @@ FUSED_OPS = {"cpu": FusedOps(round_stores=True), "cuda": FusedOps(round_stores=F
 #: off to compare with the plain fused kernel, which gives the same bits more slowly
 PACK_BF16_PAIRS = True
 
-# (update, packed, device type, dtypes and None pattern, static switches, scalar names, gradient
+# (packed, update, device type, dtypes and None pattern, static switches, scalar names, gradient
 # is output) -> compiled step
 _COMPILED: dict[tuple, Callable[..., None]] = {}
+# packed configurations that compiled and ran once; configurations whose packed kernel failed
+_PACKING_CHECKED: set[tuple] = set()
+_PACKING_FAILED: set[tuple] = set()
 
 _COMPILE_HAS_ISOLATION = "isolate_recompiles" in inspect.signature(torch.compile).parameters
 
@@ -413,16 +417,16 @@ def run_fused(
             update(TENSOR_OPS, *row, **scalars, **{k: v[index] for k, v in per_tensor.items()})
             continue
         number_columns = tuple(i for i, t in enumerate(row) if t is not None and not isinstance(t, Tensor))
-        packed = _packable(tensors)
-        key = (
+        config = (
             update,
-            packed,
             param.device.type,
             tuple(None if t is None else t.dtype if isinstance(t, Tensor) else "number" for t in row),
             static_key,
             names,
             gradient_is_output,
         )
+        packed = _packable(tensors) and config not in _PACKING_FAILED
+        key = (packed, *config)
         step = _COMPILED.get(key)
         if step is None:
             step = _COMPILED[key] = _make_step(
@@ -436,8 +440,40 @@ def run_fused(
             scalars_tensor = packed_on.get(param.device)
             if scalars_tensor is None:
                 scalars_tensor = packed_on[param.device] = _pack_scalars(shared, param.device)
-        flat = _flat_words if packed else _flat
-        step(scalars_tensor, *(flat(t) if isinstance(t, Tensor) else None for t in row))
+        if not packed:
+            step(scalars_tensor, *(_flat(t) if isinstance(t, Tensor) else None for t in row))
+        elif key in _PACKING_CHECKED:
+            step(scalars_tensor, *(_flat_words(t) if isinstance(t, Tensor) else None for t in row))
+        else:
+            plain = (update, names, static, number_columns, gradient_is_output, param.device.type, False)
+            _first_packed_call(step, key, scalars_tensor, row, plain)
+
+
+def _first_packed_call(
+    step: Callable[..., None], key: tuple, scalars: Tensor, row: Sequence[Any], plain_args: tuple
+) -> None:
+    """Compile and run a packed configuration; where this torch cannot build it, use the plain kernel.
+
+    The packed kernel relies on Inductor lowering int32/float32 bitcasts and shifts, which older
+    releases may not; a failure surfaces while compiling, before any tensor is written.
+    """
+    try:
+        step(scalars, *(_flat_words(t) if isinstance(t, Tensor) else None for t in row))
+    except Exception as error:  # noqa: BLE001 - any compiler failure: the plain kernel is equivalent
+        warnings.warn(
+            f"optimi: the packed bf16 fused kernel failed to compile ({type(error).__name__}: {error}); "
+            "using the plain fused kernel for this configuration (same results, slower on CPU)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        config = key[1:]
+        _PACKING_FAILED.add(config)
+        plain = _COMPILED.get((False, *config))
+        if plain is None:
+            plain = _COMPILED[(False, *config)] = _make_step(*plain_args)
+        plain(scalars, *(_flat(t) if isinstance(t, Tensor) else None for t in row))
+    else:
+        _PACKING_CHECKED.add(key)
 
 
 def _packable(tensors: Sequence[Tensor]) -> bool:

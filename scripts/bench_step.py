@@ -4,6 +4,7 @@ Command lines (the table in docs/benchmarks.md comes from the first)::
 
     python scripts/bench_step.py                                  # all optimizers, CPU, 10M elements, 2 threads
     python scripts/bench_step.py --optimizers adamw --rounds 15   # one optimizer, more samples
+    python scripts/bench_step.py --optimizers adamw --compare-packing  # + the plain bf16 CPU kernel
     python scripts/bench_step.py --device cuda --numel 100000000  # on a GPU (synchronized timing)
     python scripts/bench_step.py --numel 200000 --rounds 2        # a quick smoke run
 
@@ -39,6 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import optimi  # noqa: E402
+from optimi import _fused  # noqa: E402
 
 #: optimizer name -> (optimi class name, optimi kwargs, torch.optim class name or None, torch kwargs)
 OPTIMIZERS: dict[str, tuple[str, dict, str | None, dict]] = {
@@ -147,6 +149,24 @@ def copy_probe(numel: int, device: torch.device) -> Callable[[], float]:
     return run
 
 
+def without_packed_pairs(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """``optimizer`` stepping with the plain fused CPU kernel instead of the packed bf16 one.
+
+    See [Note: packed bf16 columns] in ``optimi/_fused.py``: both give the same bits.
+    """
+    step = optimizer.step
+
+    def plain_step(*args, **kwargs):
+        _fused.PACK_BF16_PAIRS = False
+        try:
+            return step(*args, **kwargs)
+        finally:
+            _fused.PACK_BF16_PAIRS = True
+
+    optimizer.step = plain_step
+    return optimizer
+
+
 def implementations(name: str, dtypes: list[str], backends: list[str], args, device: torch.device):
     """Builders for every implementation of optimizer ``name`` that this torch/optimi provides."""
     optimi_name, optimi_kwargs, torch_name, torch_kwargs = OPTIMIZERS[name]
@@ -159,6 +179,14 @@ def implementations(name: str, dtypes: list[str], backends: list[str], args, dev
                 label = f"optimi {backend.replace('_', '-')}" + (" +Kahan" if dtype_name == "bf16" else "")
                 kwargs = dict(optimi_kwargs, **flags[backend])
                 builders.append((label, dtype_name, lambda ps, kw=kwargs: optimi_cls(ps, lr=1e-3, **kw)))
+                if backend == "fused" and dtype_name == "bf16" and args.device == "cpu" and args.compare_packing:
+                    builders.append(
+                        (
+                            label + " (plain kernel)",
+                            dtype_name,
+                            lambda ps, kw=kwargs: without_packed_pairs(optimi_cls(ps, lr=1e-3, **kw)),
+                        )
+                    )
         torch_cls = getattr(torch.optim, torch_name, None) if torch_name else None
         if torch_cls is not None and dtype_name == "fp32" and not args.no_torch:
             flavours = ["foreach"] + (["fused"] if torch_name in TORCH_FUSED else [])
@@ -193,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", default="fp32,bf16", help="fp32 and/or bf16 (bf16 uses Kahan)")
     parser.add_argument("--backends", default="for_loop,foreach,fused", help="optimi backends to run")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch.optim rows")
+    parser.add_argument(
+        "--compare-packing",
+        action="store_true",
+        help="CPU: also time bf16 fused with the plain kernel instead of the packed int32-pair one",
+    )
     parser.add_argument("--warm-cache", action="store_true", help="keep Inductor's on-disk compile caches")
     args = parser.parse_args(argv)
 

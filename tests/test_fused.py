@@ -217,6 +217,34 @@ def test_packed_bf16_pairs_equal_plain_fused_kernel(spec, monkeypatch):
     assert not torch.equal(results[0][0], params_on("cpu", torch.bfloat16)[0])
 
 
+def test_packed_kernel_that_fails_to_compile_falls_back_to_the_plain_kernel(monkeypatch):
+    """A torch whose Inductor cannot build the packed kernel warns once and gets the same bits."""
+
+    def unsupported(words: torch.Tensor):
+        raise NotImplementedError("no int32/float32 bitcasts in this compiler")
+
+    results = []
+    for broken in (True, False):
+        monkeypatch.setattr(_fused, "_COMPILED", {})
+        monkeypatch.setattr(_fused, "_PACKING_CHECKED", set())
+        monkeypatch.setattr(_fused, "_PACKING_FAILED", set())
+        monkeypatch.setattr(_fused, "PACK_BF16_PAIRS", broken)
+        if broken:
+            monkeypatch.setattr(_fused, "_unpack", unsupported)
+        params = params_on("cpu", torch.bfloat16)
+        optimizer = optimi.AdamW(params, lr=1e-2, weight_decay=0.1, fused=True)
+        if broken:
+            with pytest.warns(RuntimeWarning, match="packed bf16 fused kernel failed"):
+                train_on(optimizer, params, 1e-2, steps=1)
+            assert len(_fused._PACKING_FAILED) == 1
+        else:
+            train_on(optimizer, params, 1e-2, steps=1)
+        train_on(optimizer, params, 1e-2, steps=3)  # no second warning, same fallback
+        results.append(state_tensors(optimizer, params))
+    for fallback, plain in zip(*results):
+        assert torch.equal(fallback.view(torch.int16), plain.view(torch.int16))
+
+
 def test_odd_storage_offset_runs_the_plain_kernel_with_the_same_bits():
     """A bf16 parameter at an odd offset in its storage cannot be viewed as int32 pairs."""
     results = []
