@@ -81,7 +81,7 @@ exactly as :class:`FusedOps` rounds a bf16 store; every value written is then ex
 representable in bf16, and a pair goes back into its word with one shift and one bitwise select.
 Only the columns the rule wrote are stored (StableAdamW's first pass leaves the parameter and
 the Kahan buffer untouched). The result is bit-identical to the plain fused kernel
-(``tests/test_fused.py``) and the bf16+Kahan AdamW step runs ~1.35x faster on a 2-core AVX-512
+(``tests/test_fused.py``) and the bf16+Kahan AdamW step runs 1.2-1.3x faster on a 2-core AVX-512
 CPU (docs/benchmarks.md). Rows with an odd length or offset, other dtypes, and CUDA (where
 Inductor's conversions are cheap) run the plain kernel.
 

@@ -79,19 +79,27 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_tensors(numel: int, dtype: torch.dtype, device: torch.device, seed: int) -> list[torch.Tensor]:
+def make_tensors(
+    numel: int, dtype: torch.dtype, device: torch.device, seed: int, split: tuple[float, ...] = SPLIT
+) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    sizes = [int(numel * f) for f in SPLIT]
+    sizes = [int(numel * f) for f in split]
     sizes[-1] = numel - sum(sizes[:-1])
     return [(torch.randn(n, generator=generator) * 0.1).to(device=device, dtype=dtype) for n in sizes]
 
 
 def build(
-    label: str, dtype_name: str, make_optimizer: Callable, numel: int, device: torch.device, seed: int
+    label: str,
+    dtype_name: str,
+    make_optimizer: Callable,
+    numel: int,
+    device: torch.device,
+    seed: int,
+    split: tuple[float, ...] = SPLIT,
 ) -> Implementation:
     dtype = DTYPES[dtype_name]
-    params = [p.requires_grad_() for p in make_tensors(numel, dtype, device, seed)]
-    grads = make_tensors(numel, dtype, device, seed + 1)
+    params = [p.requires_grad_() for p in make_tensors(numel, dtype, device, seed, split)]
+    grads = make_tensors(numel, dtype, device, seed + 1, split)
     return Implementation(label, dtype_name, params, grads, make_optimizer(params))
 
 
@@ -222,12 +230,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", default="for_loop,foreach,fused", help="optimi backends to run")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch.optim rows")
     parser.add_argument(
+        "--one-tensor", action="store_true", help="all elements in one tensor (no per-tensor call overhead)"
+    )
+    parser.add_argument(
         "--compare-packing",
         action="store_true",
         help="CPU: also time bf16 fused with the plain kernel instead of the packed int32-pair one",
     )
     parser.add_argument("--warm-cache", action="store_true", help="keep Inductor's on-disk compile caches")
     args = parser.parse_args(argv)
+    args.split = (1.0,) if args.one_tensor else SPLIT
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -250,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# bench_step: {' '.join(sys.argv)}")
     print(
         f"# {machine_description(device)}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
-        f"{args.numel:,} elements in {len(SPLIT)} tensors; {args.rounds} rounds x {inner} step(s)"
+        f"{args.numel:,} elements in {len(args.split)} tensors; {args.rounds} rounds x {inner} step(s)"
     )
     print(f"# load average at start: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}")
     sys.stdout.flush()
@@ -270,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         impls = []
         for index, (label, dtype_name, make) in enumerate(builders):
-            impl = build(label, dtype_name, make, args.numel, device, seed=index)
+            impl = build(label, dtype_name, make, args.numel, device, seed=index, split=args.split)
             refresh_grads(impl)
             sync(device)
             start = time.perf_counter()
