@@ -173,11 +173,13 @@ class FusedOps(TensorOps):
         """The dtype ``x`` stands for: its own here, bf16 for a half of a packed column."""
         return x.dtype
 
-    def _store(self, x: Tensor, value: Tensor) -> Tensor:
+    def _rounded_for(self, x: Tensor, value: Tensor) -> Tensor:
+        """``value`` rounded in the kernel to the dtype ``x`` stands for, where stores round."""
         dtype = self.dtype_of(x)
-        if self.round_stores and dtype in _SPLIT:
-            value = _round_to(value, dtype)
-        return x.copy_(value)
+        return _round_to(value, dtype) if self.round_stores and dtype in _SPLIT else value
+
+    def _store(self, x: Tensor, value: Tensor) -> Tensor:
+        return x.copy_(self._rounded_for(x, value))
 
     def copy_(self, dst: Tensor, src: Tensor) -> Tensor:
         return self._store(dst, _opmath(src))
@@ -235,11 +237,7 @@ class FusedOps(TensorOps):
         return self._store(x, _opmath(x).clamp_min(_scalar(value, x)))
 
     def clamp_min(self, x: Tensor, value: float | Tensor) -> Tensor:
-        result = _opmath(x).clamp_min(_scalar(value, x))
-        dtype = self.dtype_of(x)
-        if self.round_stores and dtype in _SPLIT:
-            result = _round_to(result, dtype)
-        return result.to(x.dtype)
+        return self._rounded_for(x, _opmath(x).clamp_min(_scalar(value, x))).to(x.dtype)
 
 
 class PackedOps(FusedOps):
@@ -288,8 +286,7 @@ PACK_BF16_PAIRS = True
 # (packed, update, device type, dtypes and None pattern, static switches, scalar names, gradient
 # is output) -> compiled step
 _COMPILED: dict[tuple, Callable[..., None]] = {}
-# packed configurations that compiled and ran once; configurations whose packed kernel failed
-_PACKING_CHECKED: set[tuple] = set()
+# configurations whose packed kernel failed to compile: they run the plain kernel
 _PACKING_FAILED: set[tuple] = set()
 
 _COMPILE_HAS_ISOLATION = "isolate_recompiles" in inspect.signature(torch.compile).parameters
@@ -349,7 +346,7 @@ def _make_step(
 
     def packed_step(packed_scalars: Tensor, *columns: Tensor | None) -> None:
         args, scalars = arguments(packed_scalars, columns)
-        is_word = [i not in number_columns and isinstance(c, Tensor) for i, c in enumerate(columns)]
+        is_word = [isinstance(c, Tensor) for c in columns]  # number columns arrive as None
         halves = [_unpack(c) if word else (c, c) for c, word in zip(args, is_word)]
         comp = args[-1]
         written = []
@@ -440,26 +437,23 @@ def run_fused(
             scalars_tensor = packed_on.get(param.device)
             if scalars_tensor is None:
                 scalars_tensor = packed_on[param.device] = _pack_scalars(shared, param.device)
-        if not packed:
-            step(scalars_tensor, *(_flat(t) if isinstance(t, Tensor) else None for t in row))
-        elif key in _PACKING_CHECKED:
-            step(scalars_tensor, *(_flat_words(t) if isinstance(t, Tensor) else None for t in row))
-        else:
+        if packed:
             plain = (update, names, static, number_columns, gradient_is_output, param.device.type, False)
-            _first_packed_call(step, key, scalars_tensor, row, plain)
+            _run_packed(step, key, scalars_tensor, row, plain)
+        else:
+            step(scalars_tensor, *_flat_columns(row, packed=False))
 
 
-def _first_packed_call(
-    step: Callable[..., None], key: tuple, scalars: Tensor, row: Sequence[Any], plain_args: tuple
-) -> None:
-    """Compile and run a packed configuration; where this torch cannot build it, use the plain kernel.
+def _run_packed(step: Callable[..., None], key: tuple, scalars: Tensor, row: Sequence[Any], plain_args: tuple) -> None:
+    """Run a packed configuration; where this torch cannot compile it, switch to the plain kernel.
 
     The packed kernel relies on Inductor lowering int32/float32 bitcasts and shifts, which older
-    releases may not; a failure surfaces while compiling, before any tensor is written.
+    releases may not; such a failure surfaces while compiling, before any tensor is written. Any
+    other error the row raises again from the plain kernel.
     """
     try:
-        step(scalars, *(_flat_words(t) if isinstance(t, Tensor) else None for t in row))
-    except Exception as error:  # noqa: BLE001 - any compiler failure: the plain kernel is equivalent
+        step(scalars, *_flat_columns(row, packed=True))
+    except Exception as error:  # any compiler's failure: the plain kernel computes the same bits
         warnings.warn(
             f"optimi: the packed bf16 fused kernel failed to compile ({type(error).__name__}: {error}); "
             "using the plain fused kernel for this configuration (same results, slower on CPU)",
@@ -471,9 +465,7 @@ def _first_packed_call(
         plain = _COMPILED.get((False, *config))
         if plain is None:
             plain = _COMPILED[(False, *config)] = _make_step(*plain_args)
-        plain(scalars, *(_flat(t) if isinstance(t, Tensor) else None for t in row))
-    else:
-        _PACKING_CHECKED.add(key)
+        plain(scalars, *_flat_columns(row, packed=False))
 
 
 def _packable(tensors: Sequence[Tensor]) -> bool:
@@ -484,19 +476,23 @@ def _packable(tensors: Sequence[Tensor]) -> bool:
     )
 
 
-def _flat(tensor: Tensor) -> Tensor:
+def _flat_columns(row: Sequence[Any], packed: bool) -> list[Tensor | None]:
+    """The tensors of ``row`` as 1-D views of their memory (numbers become ``None``)."""
+    return [_flat(t, packed) if isinstance(t, Tensor) else None for t in row]
+
+
+def _flat(tensor: Tensor, packed: bool = False) -> Tensor:
     """A 1-D tensor over ``tensor``'s (contiguous) memory that is not a view of it.
 
     A view would carry its base's shape into Dynamo's guards (one compile per parameter rank).
+    ``packed``: a bf16 tensor's memory as int32 words, element pairs ``(2i, 2i + 1)`` in word ``i``
+    ([Note: packed bf16 columns]).
     """
+    if packed:
+        flat = tensor.new_empty(0, dtype=torch.int32)
+        return flat.set_(tensor.untyped_storage(), tensor.storage_offset() // 2, (tensor.numel() // 2,), (1,))
     flat = tensor.new_empty(0)
     return flat.set_(tensor.untyped_storage(), tensor.storage_offset(), (tensor.numel(),), (1,))
-
-
-def _flat_words(tensor: Tensor) -> Tensor:
-    """A bf16 tensor's memory as 1-D int32: element pairs ``(2i, 2i + 1)`` share word ``i``."""
-    flat = tensor.new_empty(0, dtype=torch.int32)
-    return flat.set_(tensor.untyped_storage(), tensor.storage_offset() // 2, (tensor.numel() // 2,), (1,))
 
 
 def _as_float(value: Any) -> float | Tensor:
