@@ -358,3 +358,57 @@ def test_fused_under_gradient_release_matches_step_loop():
             optimi.remove_gradient_release(model)
         results.append(list(model.parameters()))
     assert max_relative_error(*results) <= FP32_TOLERANCE
+
+
+def dynamo_calls() -> int:
+    return sum(step.dynamo_calls for step in _fused._COMPILED.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("spec", OPTIMIZERS, ids=spec_id)
+def test_direct_graph_calls_equal_dynamo_dispatch(spec, dtype, monkeypatch):
+    """Calling the captured graph without Dynamo gives Dynamo's bits, and skips Dynamo after step 1.
+
+    A bf16 parameter of two elements is one int32 word: a length Dynamo specializes, so that row
+    keeps going through Dynamo ([Note: calling the compiled graph directly]).
+    """
+    shapes = [*FUSED_SHAPES, (2,)]
+    results = []
+    for direct in (False, True):
+        monkeypatch.setattr(_fused, "CALL_GRAPHS_DIRECTLY", direct)
+        params = [p.detach().requires_grad_() for p in make_params(dtype, shapes=shapes)]
+        optimizer = spec.optimi_cls(params, lr=spec.lr, fused=True, **spec.kwargs)
+        train_on(optimizer, params, spec.lr, steps=2)
+        before = dynamo_calls()
+        train_on(optimizer, params, spec.lr, steps=4)
+        through_dynamo = dynamo_calls() - before
+        results.append(state_tensors(optimizer, params))
+        rows = 4 * len(shapes) * (2 if spec.name == "stableadamw" else 1)  # two passes per row
+        specialized = 4 * (2 if spec.name == "stableadamw" else 1) if dtype == torch.bfloat16 else 0
+        assert through_dynamo == (specialized if direct else rows)
+    for dynamo, direct in zip(*results):
+        assert torch.equal(
+            dynamo.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+            direct.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+        )
+
+
+def test_a_callable_switch_keeps_dynamo_dispatch():
+    """A callable among the scalars runs eagerly between graphs, so the step never skips Dynamo."""
+    seen = []
+
+    def record(value: torch.Tensor) -> torch.Tensor:
+        seen.append(float(value))
+        return value
+
+    def update(ops, param, grad, kahan_comp, *, lr, scale):
+        ops.mul_(grad, scale(lr))
+        ops.sub_(param, grad)
+
+    param, grad = torch.ones(64), torch.full((64,), 0.5)
+    for step in range(3):
+        _fused.run_fused(update, [[param], [grad.clone()], [None]], dict(lr=0.1 * (step + 1), scale=record))
+    assert seen == pytest.approx([0.1, 0.2, 0.3])
+    assert torch.allclose(param, torch.full((64,), 1 - 0.5 * (0.1 + 0.2 + 0.3)))
+    (step,) = [s for key, s in _fused._COMPILED.items() if key[1] is update]
+    assert step.direct is None and step.dynamo_calls == 3
