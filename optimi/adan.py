@@ -180,7 +180,8 @@ def adan(
         adam_wd=adam_wd,
         bias_correction1=bias_correction(beta1, step),
         bias_correction2=bias_correction(beta2, step),
-        bias_correction3_sqrt=bias_correction(beta3, step) ** 0.5,
+        # a multiply per element instead of a division: the step is divider-bound on CPU
+        inverse_bias_correction3_sqrt=bias_correction(beta3, step) ** -0.5,
         accumulate=accumulate,
     )
 
@@ -204,7 +205,7 @@ def _adan_update(
     adam_wd: bool,
     bias_correction1: float | Tensor,
     bias_correction2: float | Tensor,
-    bias_correction3_sqrt: float | Tensor,
+    inverse_bias_correction3_sqrt: float | Tensor,
     accumulate: bool,
 ) -> None:
     """Adan's update rule, written once for every backend ([Note: one update rule, three backends])."""
@@ -227,7 +228,7 @@ def _adan_update(
     denom = ops.scratch(grad)
     ops.copy_(denom, exp_avg_sq)
     ops.sqrt_(denom)
-    ops.div_(denom, bias_correction3_sqrt)
+    ops.mul_(denom, inverse_bias_correction3_sqrt)
     ops.add_scalar_(denom, eps)
 
     target = update_target(param, kahan_comp)
