@@ -334,8 +334,8 @@ class _CompiledStep:
         self.may_call_directly = may_call_directly
         # (how to build its inputs, how to call it with them; both None where it cannot be called
         # directly) per graph Dynamo compiled
-        self.graphs: list[tuple[list[Callable[[Tensor, tuple], Any]] | None, Callable[[list], Any] | None]] = []
-        self.direct: tuple[Callable[[list], Any], list[Callable[[Tensor, tuple], Any]], torch.device] | None = None
+        self.graphs: list[tuple[list[tuple[int, bool]] | None, Callable[[list], Any] | None]] = []
+        self.direct: tuple[Callable[[list], Any], list[tuple[int, bool]], torch.device] | None = None
         self.dynamo_calls = 0
         options = dict(isolate_recompiles=True) if _COMPILE_HAS_ISOLATION else {}
         self.dynamo_step = torch.compile(step, dynamic=True, backend=self._compile, **options)
@@ -344,7 +344,7 @@ class _CompiledStep:
         from torch._functorch import config as _functorch_config
         from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
-        getters = _argument_getters(graph)  # read before Inductor lowers the graph
+        plan = _argument_plan(graph)  # read before Inductor lowers the graph
         lowered: list[tuple[torch.fx.GraphModule, Callable[[list], Any]]] = []
 
         def compile_inner(inner_graph: torch.fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
@@ -358,10 +358,10 @@ class _CompiledStep:
             compiled = compile_fx(
                 graph, example_inputs, inner_compile=compile_inner, config_patches=self.inductor_options
             )
-        call = None if getters is None else _bare_graph_call(graph, lowered)
-        if call is None and getters is not None:
+        call = None if plan is None else _bare_graph_call(graph, lowered)
+        if call is None and plan is not None:
             call = lambda arguments: compiled(*arguments)  # noqa: E731 - AOTAutograd's wrappers kept
-        self.graphs.append((getters, call))
+        self.graphs.append((plan, call))
         return compiled
 
     def direct_call(
@@ -370,10 +370,12 @@ class _CompiledStep:
         """The compiled graph and its inputs for this call, where it may skip Dynamo; else ``None``."""
         if self.direct is None or not CALL_GRAPHS_DIRECTLY:
             return None
-        compiled, getters, device = self.direct
-        if packed_scalars.device != device or not all(c is None or c.shape[0] >= 2 for c in columns):
+        compiled, plan, device = self.direct
+        # every column is as long as the parameter (Inductor's wrapper asserts each length)
+        if columns[0].shape[0] < 2 or packed_scalars.device != device:
             return None
-        return compiled, [get(packed_scalars, columns) for get in getters]
+        inputs = [packed_scalars if index == _SCALARS else columns[index] for index, _ in plan]
+        return compiled, [value.shape[0] if is_length else value for value, (_, is_length) in zip(inputs, plan)]
 
     def __call__(self, packed_scalars: Tensor, *columns: Tensor | None) -> None:
         call = self.direct_call(packed_scalars, columns)
@@ -384,9 +386,12 @@ class _CompiledStep:
         self.dynamo_step(packed_scalars, *columns)
         self.dynamo_calls += 1
         if self.dynamo_calls == 1 and self.may_call_directly and len(self.graphs) == graphs_before + 1:
-            getters, call = self.graphs[-1]
-            if call is not None and all(c is None or c.shape[0] >= 2 for c in columns):
-                self.direct = (call, getters, packed_scalars.device)
+            plan, call = self.graphs[-1]
+            if call is not None and columns[0].shape[0] >= 2:
+                # past its first call, Inductor's own entry point: the output code's __call__ only
+                # adds the bookkeeping of autotuning caches and runtime metrics
+                call = getattr(call, "current_callable", None) or call
+                self.direct = (call, plan, packed_scalars.device)
 
 
 def _bare_graph_call(
@@ -410,45 +415,52 @@ def _bare_graph_call(
     return output_code
 
 
-def _argument_getters(graph: torch.fx.GraphModule) -> list[Callable[[Tensor, tuple], Any]] | None:
+#: in an argument plan, the position of the packed scalars (columns count from 0)
+_SCALARS = -1
+
+
+def _argument_plan(graph: torch.fx.GraphModule) -> list[tuple[int, bool]] | None:
     """How to build each input of a Dynamo graph of ``step(packed_scalars, *columns)``.
 
     Dynamo records in each placeholder the source of its value: the packed scalars, a column, or
-    the length of one of them (a symbolic size). ``None`` where any other source appears.
+    the length of one of them (a symbolic size). Each input becomes ``(column or _SCALARS, is its
+    length)``; ``None`` where any other source appears.
     """
     try:
         from torch._dynamo.source import GetItemSource, LocalSource, TensorProperty, TensorPropertySource
     except ImportError:  # pragma: no cover - a torch that moved Dynamo's sources
         return None
 
-    def getter(source: Any) -> Callable[[Tensor, tuple], Any] | None:
+    def position(source: Any) -> int | None:
         if isinstance(source, LocalSource) and source.local_name == "packed_scalars":
-            return lambda scalars, columns: scalars
+            return _SCALARS
         if (
             isinstance(source, GetItemSource)
             and isinstance(source.base, LocalSource)
             and source.base.local_name == "columns"
             and isinstance(source.index, int)
         ):
-            index = source.index
-            return lambda scalars, columns: columns[index]
-        if isinstance(source, TensorPropertySource) and source.prop == TensorProperty.SIZE and source.idx == 0:
-            tensor = getter(source.base)
-            return None if tensor is None else lambda scalars, columns: tensor(scalars, columns).shape[0]
+            return source.index
         return None
 
-    getters = []
+    plan = []
     for node in graph.graph.nodes:
         if node.op != "placeholder":
             continue
         graph_argument = node.meta.get("grapharg")
         if graph_argument is None or getattr(graph_argument, "pass_arg_as_tensor", False):
             return None
-        get = getter(graph_argument.source)
-        if get is None:
+        source = graph_argument.source
+        is_length = isinstance(source, TensorPropertySource)
+        if is_length:
+            if source.prop != TensorProperty.SIZE or source.idx != 0:
+                return None
+            source = source.base
+        index = position(source)
+        if index is None:
             return None
-        getters.append(get)
-    return getters
+        plan.append((index, is_length))
+    return plan
 
 
 def _make_step(
@@ -566,41 +578,48 @@ def run_fused(
         param = row[0]
         if param.numel() == 0:
             continue
-        tensors = [t for t in row if isinstance(t, Tensor)]
-        if not all(t.is_contiguous() for t in tensors):
+        # one pass over the row: it runs once per parameter and step ([Note: calling the compiled
+        # graph directly] on why per-call Python matters)
+        dtypes: list[Any] = []
+        number_columns: list[int] = []
+        contiguous, packable = True, PACK_BF16_PAIRS
+        for column, t in enumerate(row):
+            if isinstance(t, Tensor):
+                dtypes.append(t.dtype)
+                contiguous = contiguous and t.is_contiguous()
+                packable = packable and _pairs_fit(t)
+            elif t is None:
+                dtypes.append(None)
+            else:
+                dtypes.append("number")
+                number_columns.append(column)
+        if not contiguous:
             # a strided layout cannot be flattened to a view: run the same rule eagerly
             update(TENSOR_OPS, *row, **scalars, **{k: v[index] for k, v in per_tensor.items()})
             continue
-        number_columns = tuple(i for i, t in enumerate(row) if t is not None and not isinstance(t, Tensor))
-        config = (
-            update,
-            param.device.type,
-            tuple(None if t is None else t.dtype if isinstance(t, Tensor) else "number" for t in row),
-            static_key,
-            names,
-            gradient_is_output,
-        )
-        packed = _packable(tensors, config[1]) and config not in _PACKING_FAILED
+        device = param.device
+        config = (update, device.type, tuple(dtypes), static_key, names, gradient_is_output)
+        packed = packable and device.type == "cpu" and config not in _PACKING_FAILED
         key = (packed, *config)
         step = _COMPILED.get(key)
         if step is None:
             step = _COMPILED[key] = _make_step(
-                update, names, static, number_columns, gradient_is_output, param.device.type, packed
+                update, names, static, tuple(number_columns), gradient_is_output, device.type, packed
             )
         if per_tensor or number_columns:
             values = shared + [_as_float(v[index]) for v in per_tensor.values()]
             values += [_as_float(row[i]) for i in number_columns]
-            scalars_tensor = _pack_scalars(values, param.device)
+            scalars_tensor = _pack_scalars(values, device)
         else:
-            scalars_tensor = packed_on.get(param.device)
+            scalars_tensor = packed_on.get(device)
             if scalars_tensor is None:
-                scalars_tensor = packed_on[param.device] = _pack_scalars(shared, param.device)
-        columns = _flat_columns(row, packed)
+                scalars_tensor = packed_on[device] = _pack_scalars(shared, device)
+        columns = [_flat(t, packed) if isinstance(t, Tensor) else None for t in row]
         call = step.direct_call(scalars_tensor, columns)
         if call is not None:
             direct_calls.append(call)
         elif packed:
-            plain = (update, names, static, number_columns, gradient_is_output, param.device.type, False)
+            plain = (update, names, static, tuple(number_columns), gradient_is_output, device.type, False)
             _run_packed(step, key, scalars_tensor, columns, row, plain)
         else:
             step(scalars_tensor, *columns)
@@ -636,21 +655,12 @@ def _run_packed(
         plain = _COMPILED.get((False, *config))
         if plain is None:
             plain = _COMPILED[(False, *config)] = _make_step(*plain_args)
-        plain(scalars, *_flat_columns(row, packed=False))
+        plain(scalars, *[_flat(t) if isinstance(t, Tensor) else None for t in row])
 
 
-def _packable(tensors: Sequence[Tensor], device_type: str) -> bool:
-    """Whether a row of tensors can run as int32 pairs of bf16 ([Note: packed bf16 columns])."""
-    return (
-        PACK_BF16_PAIRS
-        and device_type == "cpu"
-        and all(t.dtype == torch.bfloat16 and t.numel() % 2 == 0 and t.storage_offset() % 2 == 0 for t in tensors)
-    )
-
-
-def _flat_columns(row: Sequence[Any], packed: bool) -> list[Tensor | None]:
-    """The tensors of ``row`` as 1-D views of their memory (numbers become ``None``)."""
-    return [_flat(t, packed) if isinstance(t, Tensor) else None for t in row]
+def _pairs_fit(tensor: Tensor) -> bool:
+    """Whether ``tensor`` can be viewed as int32 pairs of bf16 ([Note: packed bf16 columns])."""
+    return tensor.dtype == torch.bfloat16 and tensor.numel() % 2 == 0 and tensor.storage_offset() % 2 == 0
 
 
 # (id of a tensor, packed) -> (weak reference to the tensor, its flat view): parameters and states
