@@ -13,6 +13,7 @@ import torch
 import optimi
 from tests.cases import OPTIMIZERS
 from tests.test_fused import (
+    check_direct_calls_equal_dynamo,
     check_fused_bf16_kahan_steps,
     check_fused_fp32_run,
     params_on,
@@ -44,6 +45,13 @@ def test_cuda_fused_equals_for_loop_fp32(spec):
 @pytest.mark.parametrize("spec", OPTIMIZERS, ids=spec_id)
 def test_cuda_fused_equals_for_loop_bf16_kahan(spec):
     check_fused_bf16_kahan_steps(spec, "cuda", dict(fused=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("spec", OPTIMIZERS, ids=spec_id)
+def test_cuda_direct_graph_calls_equal_dynamo_dispatch(spec, dtype, monkeypatch):
+    """Inductor's Triton graph called without Dynamo gives Dynamo's bits on the GPU too."""
+    check_direct_calls_equal_dynamo(spec, dtype, "cuda", monkeypatch)
 
 
 def test_cuda_triton_flag_is_the_fused_path():
