@@ -7,6 +7,7 @@ Command lines (the table in docs/benchmarks.md comes from the first)::
     python scripts/bench_step.py --optimizers adamw --compare-packing  # + the plain bf16 CPU kernel
     python scripts/bench_step.py --device cuda --numel 100000000  # on a GPU (synchronized timing)
     python scripts/bench_step.py --numel 200000 --rounds 2        # a quick smoke run
+    python scripts/bench_step.py --optimizers adamw --torch-optimi DIR  # + torch-optimi's steps
 
 An optimizer step is memory-bound, so every implementation is reported against the bandwidth
 measured in the same run by an in-place add ``a += b`` (12 bytes per fp32 element):
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import importlib
 import os
 import platform
 import statistics
@@ -35,6 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -175,6 +178,29 @@ def without_packed_pairs(optimizer: torch.optim.Optimizer) -> torch.optim.Optimi
     return optimizer
 
 
+def load_torch_optimi(directory: str) -> Any:
+    """torch-optimi (the reference library, import name ``optimi`` too) loaded beside this optimi.
+
+    Its modules import each other as ``optimi.*``: they are imported with ``directory`` first on
+    the path and this project's modules out of ``sys.modules``, then both are put back as they were.
+    Its classes keep references to their own modules, so both libraries run side by side.
+    """
+    ours = {name: module for name, module in sys.modules.items() if name == "optimi" or name.startswith("optimi.")}
+    for name in ours:
+        del sys.modules[name]
+    sys.path.insert(0, directory)
+    try:
+        reference = importlib.import_module("optimi")
+        if Path(reference.__file__).resolve().parent.parent != Path(directory).resolve():
+            raise SystemExit(f"--torch-optimi: no 'optimi' package in {directory}")
+    finally:
+        sys.path.remove(directory)
+        for name in [n for n in sys.modules if n == "optimi" or n.startswith("optimi.")]:
+            del sys.modules[name]
+        sys.modules.update(ours)
+    return reference
+
+
 def implementations(name: str, dtypes: list[str], backends: list[str], args, device: torch.device):
     """Builders for every implementation of optimizer ``name`` that this torch/optimi provides."""
     optimi_name, optimi_kwargs, torch_name, torch_kwargs = OPTIMIZERS[name]
@@ -195,6 +221,12 @@ def implementations(name: str, dtypes: list[str], backends: list[str], args, dev
                             lambda ps, kw=kwargs: without_packed_pairs(optimi_cls(ps, lr=1e-3, **kw)),
                         )
                     )
+        reference_cls = getattr(args.reference, optimi_name, None) if args.reference is not None else None
+        for foreach in (False, True) if reference_cls is not None else ():
+            flavour = "foreach" if foreach else "for-loop"
+            label = f"torch-optimi {args.reference.__version__} {flavour}" + (" +Kahan" if dtype_name == "bf16" else "")
+            kwargs = dict(optimi_kwargs, foreach=foreach)
+            builders.append((label, dtype_name, lambda ps, cls=reference_cls, kw=kwargs: cls(ps, lr=1e-3, **kw)))
         torch_cls = getattr(torch.optim, torch_name, None) if torch_name else None
         if torch_cls is not None and dtype_name == "fp32" and not args.no_torch:
             flavours = ["foreach"] + (["fused"] if torch_name in TORCH_FUSED else [])
@@ -238,7 +270,15 @@ def main(argv: list[str] | None = None) -> int:
         help="CPU: also time bf16 fused with the plain kernel instead of the packed int32-pair one",
     )
     parser.add_argument("--warm-cache", action="store_true", help="keep Inductor's on-disk compile caches")
+    parser.add_argument(
+        "--torch-optimi",
+        metavar="DIR",
+        default=None,
+        help="also time torch-optimi's for-loop and foreach steps, from DIR holding its 'optimi' package "
+        "(e.g. pip install --no-deps --target DIR torch-optimi==0.3.3)",
+    )
     args = parser.parse_args(argv)
+    args.reference = load_torch_optimi(args.torch_optimi) if args.torch_optimi else None
     args.split = (1.0,) if args.one_tensor else SPLIT
 
     device = torch.device(args.device)
