@@ -84,6 +84,18 @@ def test_fsdp2_normal_step_foreach_backend(fsdp):
     assert fsdp[0]["adamw_foreach/bf16_kahan/step"]["state_sharded"]
 
 
+def test_fsdp2_fused_backend_on_local_shards(fsdp):
+    """The fused backend steps DTensor local shards like one process steps whole tensors."""
+    for rank in fsdp:
+        assert rank["adamw_fused/fp32/step"]["rel_err"] <= FP32_RTOL
+        assert rank["adamw_fused/fp32/release"]["rel_err"] <= FP32_RTOL
+        assert rank["adamw_fused/bf16_kahan/release"]["rel_err"] <= BF16_RTOL
+        assert rank["adamw_fused/bf16_kahan/release"]["state_sharded"]
+        assert rank["adamw_fused/fp32/step"]["direct_steps"] >= 1  # compiled, then called directly
+        if "stableadamw_fused/fp32/release" in rank:  # whole-tensor RMS through reduce_sums
+            assert rank["stableadamw_fused/fp32/release"]["rel_err"] <= FP32_RTOL
+
+
 @pytest.mark.skipif(not hasattr(optimi, "StableAdamW"), reason="optimi.StableAdamW not available")
 def test_fsdp2_stableadamw_rms_covers_whole_tensors(fsdp):
     # with a gradient spike StableAdamW clips; N shards clip like one tensor only with the reduction

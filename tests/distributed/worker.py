@@ -198,6 +198,15 @@ def scenario_fsdp() -> dict[str, Any]:
     foreach = OptCase("adamw_foreach", optimi.AdamW, dict(lr=1e-2, weight_decay=1e-2, foreach=True))
     runs.append(("adamw_foreach/fp32/step", foreach, torch.float32, "step", None))
     runs.append(("adamw_foreach/bf16_kahan/step", foreach, torch.bfloat16, "step", None))
+    # the fused backend on local shards: compiled once per configuration, called directly after
+    # that; StableAdamW's cross-shard reduce_sums is a callable, which keeps Dynamo's dispatch
+    fused = OptCase("adamw_fused", optimi.AdamW, dict(lr=1e-2, weight_decay=1e-2, fused=True))
+    runs.append(("adamw_fused/fp32/step", fused, torch.float32, "step", None))
+    runs.append(("adamw_fused/fp32/release", fused, torch.float32, "release", None))
+    runs.append(("adamw_fused/bf16_kahan/release", fused, torch.bfloat16, "release", None))
+    if hasattr(optimi, "StableAdamW"):
+        stable = OptCase("stableadamw_fused", optimi.StableAdamW, dict(lr=1e-2, weight_decay=1e-2, fused=True))
+        runs.append(("stableadamw_fused/fp32/release", stable, torch.float32, "release", None))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     runs.append((f"{adamw.name}/mixed_precision/release", adamw, torch.float32, "release", mp))
     runs.append((f"{adamw.name}/mixed_precision/step", adamw, torch.float32, "step", mp))
@@ -232,6 +241,13 @@ def scenario_fsdp() -> dict[str, Any]:
             ),
             "ref_param_bytes": sum(t.numel() * t.element_size() for t in ref.values()),
         }
+        if case.kwargs.get("fused"):
+            from optimi import _fused
+
+            # the compiled kernels really ran (a strided shard would have taken the eager rule),
+            # and which of them skipped Dynamo after their first call
+            entry["fused_steps"] = len(_fused._COMPILED)
+            entry["direct_steps"] = sum(step.direct is not None for step in _fused._COMPILED.values())
         if release:
             remove_gradient_release(model)
             entry["release_flag_after_remove"] = opt._gradient_release_active
