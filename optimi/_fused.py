@@ -23,7 +23,9 @@ or step:
   Python arithmetic (``1 - beta1``, ``-lr / bias_correction1``) bit-identical to the other
   backends before they are rounded to the kernel's compute dtype;
 * each configuration is its own compiled region, so Dynamo's per-function recompile limit is
-  never shared between optimizers or configurations.
+  never shared between optimizers or configurations;
+* after a configuration's first call its compiled graph is called without Dynamo (see [Note:
+  calling the compiled graph directly] at :class:`_CompiledStep`).
 
 [Note: the fused backend leaves gradients intact]
 The for-loop and foreach rules write temporaries into the gradient buffer to save allocations
