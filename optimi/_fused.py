@@ -231,6 +231,9 @@ class FusedOps(TensorOps):
     def sqrt_(self, x: Tensor) -> Tensor:
         return self._store(x, _opmath(x).sqrt())
 
+    def sqrt_into_(self, dst: Tensor, src: Tensor) -> Tensor:
+        return self._store(dst, self._rounded_for(dst, _opmath(src)).sqrt())
+
     def sign_(self, x: Tensor) -> Tensor:
         return self._store(x, _opmath(x).sign())
 

@@ -193,8 +193,7 @@ def _adam_update(
 
     # the gradient is dead from here on: build the denominator sqrt(v_hat) + eps in its buffer
     denom = ops.scratch(grad)
-    ops.copy_(denom, exp_avg_sq)
-    ops.sqrt_(denom)
+    ops.sqrt_into_(denom, exp_avg_sq)
     ops.mul_(denom, inverse_bias_correction2_sqrt)
     ops.add_scalar_(denom, eps)
 

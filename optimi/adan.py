@@ -226,8 +226,7 @@ def _adan_update(
 
     # the gradient is dead from here on: build the denominator sqrt(n_hat) + eps in its buffer
     denom = ops.scratch(grad)
-    ops.copy_(denom, exp_avg_sq)
-    ops.sqrt_(denom)
+    ops.sqrt_into_(denom, exp_avg_sq)
     ops.mul_(denom, inverse_bias_correction3_sqrt)
     ops.add_scalar_(denom, eps)
 

@@ -193,8 +193,7 @@ def radam_step_(
         decoupled_decay_(ops, param, kahan_comp, decay)
     if rectify:
         denom = ops.scratch(grad)
-        ops.copy_(denom, exp_avg_sq)
-        ops.sqrt_(denom)
+        ops.sqrt_into_(denom, exp_avg_sq)
         ops.add_scalar_(denom, eps)
         ops.addcdiv_(target, exp_avg, denom, value=-step_size)
     else:

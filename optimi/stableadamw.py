@@ -254,8 +254,7 @@ def _stableadamw_step(
     ``neg_lr = -eta``, ``keep = 1 - decay`` and ``neg_decay = -decay`` are per tensor.
     """
     denom = ops.scratch(grad)
-    ops.copy_(denom, exp_avg_sq)
-    ops.sqrt_(denom)
+    ops.sqrt_into_(denom, exp_avg_sq)
     ops.add_scalar_(denom, eps)
 
     target = update_target(param, kahan_comp)
