@@ -415,3 +415,21 @@ def test_a_callable_switch_keeps_dynamo_dispatch():
     assert torch.allclose(param, torch.full((64,), 1 - 0.5 * (0.1 + 0.2 + 0.3)))
     (step,) = [s for key, s in _fused._COMPILED.items() if key[1] is update]
     assert step.direct is None and step.dynamo_calls == 3
+
+
+def test_flat_views_follow_a_parameter_whose_data_is_replaced():
+    """A cached flat view is rebuilt when ``p.data = ...`` moves the parameter to new memory."""
+    results = []
+    for replace in (False, True):
+        param = torch.nn.Parameter(torch.linspace(-1, 1, 64))
+        optimizer = optimi.AdamW([param], lr=1e-2, fused=True)
+        train_on(optimizer, [param], 1e-2, steps=2)
+        old = param.data
+        if replace:
+            param.data = param.data.clone()  # same values, new storage
+        train_on(optimizer, [param], 1e-2, steps=2)
+        if replace:
+            assert param.data_ptr() != old.data_ptr()
+            assert not torch.equal(param.detach(), old)  # the old memory was left alone
+        results.append(param.detach().clone())
+    assert torch.equal(*results)
