@@ -109,7 +109,7 @@ from torch import Tensor
 
 from optimi._kernels import TENSOR_OPS, TensorOps
 
-__all__ = ["FusedOps", "FUSED_OPS", "run_fused", "compiled_configurations"]
+__all__ = ["FusedOps", "run_fused", "compiled_configurations"]
 
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -164,14 +164,16 @@ class FusedOps(TensorOps):
     converts a Python scalar and computes in float32 for bf16/fp16 tensors. With ``round_stores``
     each result written into a bf16/fp16 tensor is rounded to that dtype inside the kernel, so a
     later primitive reading it sees what eager would have stored (Inductor otherwise keeps the
-    float32 value); without it the compiler is asked to emulate eager's casts instead.
+    float32 value); without it the compiler is asked to emulate eager's casts instead (CUDA: Triton
+    contracts ``a * b - c`` into a fused multiply-add, which would defeat the splitting). ``splits``
+    holds the splitting constants of :data:`_SPLIT` as the kernel receives them.
     ``scratch(grad)`` is still the gradient, but the fused step hands the rule a private copy of it
     ([Note: the fused backend leaves gradients intact]).
     """
 
-    def __init__(self, round_stores: bool, splits: dict[torch.dtype, float | Tensor] | None = None):
+    def __init__(self, round_stores: bool, splits: dict[torch.dtype, float | Tensor]):
         self.round_stores = round_stores
-        self.splits = _SPLIT if splits is None else splits
+        self.splits = splits
 
     def dtype_of(self, x: Tensor) -> torch.dtype:
         """The dtype ``x`` stands for: its own here, bf16 for a half of a packed column."""
@@ -281,13 +283,6 @@ def _pack(even: Tensor, odd: Tensor) -> Tensor:
     """The inverse of :func:`_unpack` for values already rounded to bf16: the low halves are zero."""
     return ((even.view(torch.int32) >> 16) & 0xFFFF) | (odd.view(torch.int32) & _HIGH_HALF)
 
-
-#: CPU: explicit rounding, Inductor's casts not emulated; CUDA: Triton contracts ``a * b - c`` into
-#: a fused multiply-add, which would defeat the splitting, so Inductor emulates the casts there
-FUSED_OPS = {"cpu": FusedOps(round_stores=True), "cuda": FusedOps(round_stores=False)}
-
-#: the splitting constants travel last among the packed scalars, in this order
-_SPLIT_DTYPES = (torch.bfloat16, torch.float16)
 
 #: run CPU bf16 rows as int32 pairs ([Note: packed bf16 columns]); tests and benchmarks switch it
 #: off to compare with the plain fused kernel, which gives the same bits more slowly
@@ -481,7 +476,7 @@ def _make_step(
 
     ``packed_scalars`` holds the named scalars, then one value per number column (per-tensor
     scalars that travel among the tensors, e.g. StableAdamW's clipped learning rate), then the
-    splitting constants of :data:`_SPLIT_DTYPES`. With ``packed`` the tensors are bf16 columns
+    splitting constants of :data:`_SPLIT`, in its order. With ``packed`` the tensors are bf16 columns
     viewed as int32 pairs ([Note: packed bf16 columns]).
     """
     round_stores = device_type == "cpu"
@@ -498,7 +493,7 @@ def _make_step(
 
     def splits_in(packed_scalars: Tensor) -> dict[torch.dtype, Tensor]:
         first = len(names) + len(number_columns)
-        return {dtype: packed_scalars[first + i] for i, dtype in enumerate(_SPLIT_DTYPES)}
+        return {dtype: packed_scalars[first + i] for i, dtype in enumerate(_SPLIT)}
 
     def fused_step(packed_scalars: Tensor, *columns: Tensor | None) -> None:
         args, scalars = arguments(packed_scalars, columns)
@@ -706,7 +701,7 @@ def _as_float(value: Any) -> float | Tensor:
 
 def _pack_scalars(values: list[float | Tensor], device: torch.device) -> Tensor:
     """All numeric hyperparameters of one call, then the splitting constants, as one float64 tensor."""
-    values = [*values, *(_SPLIT[dtype] for dtype in _SPLIT_DTYPES)]
+    values = [*values, *_SPLIT.values()]
     if any(isinstance(v, Tensor) for v in values):
         return torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device) for v in values])
     packed = torch.tensor(values, dtype=torch.float64)

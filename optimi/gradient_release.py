@@ -84,7 +84,7 @@ def prepare_for_gradient_release(
             parameter already has post-accumulate-grad hooks and ``ignore_existing_hooks`` is False.
         NotImplementedError: ``model`` is distributed and ``optimi.distributed`` is unavailable.
     """
-    _check_optimizer(optimizer)
+    check_release_optimizer(optimizer)
     kind = _distributed_kind(model)
     if kind is not None:
         _distributed_entry_point("prepare_gradient_release", kind)(
@@ -97,20 +97,8 @@ def prepare_for_gradient_release(
         )
 
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    missing = [name for name, p in trainable if not _is_managed(optimizer, p)]
-    if missing:
-        raise ValueError(
-            f"{len(missing)} trainable parameter(s) of the model are not in the optimizer, so gradient release "
-            f"would never step them: {_name_list(missing)}. Add them to the optimizer or set requires_grad=False"
-        )
-    if not ignore_existing_hooks:
-        hooked = [name for name, p in trainable if p._post_accumulate_grad_hooks]
-        if hooked:
-            raise ValueError(
-                f"parameter(s) {_name_list(hooked)} already have post-accumulate-grad hooks: another integration "
-                "may already step or free these gradients, and gradient release steps and frees them too. Pass "
-                "ignore_existing_hooks=True to add the release hooks after the existing ones"
-            )
+    check_managed(optimizer, trainable)
+    check_no_existing_hooks(trainable, ignore_existing_hooks)
 
     # [Note: state is allocated before the first backward]
     for _, param in trainable:
@@ -160,25 +148,62 @@ def _release_hook(optimizer: OptimiOptimizer):
     return hook
 
 
-def _check_optimizer(optimizer: Any) -> None:
+# The checks below are shared with optimi.distributed's FSDP2 and DDP entry points, which import
+# them from here (the single-process path never imports optimi.distributed).
+
+
+def check_release_optimizer(optimizer: Any) -> None:
+    """Raise unless ``optimizer`` is an optimi optimizer built with ``gradient_release=True``."""
     if not isinstance(optimizer, OptimiOptimizer):
         raise TypeError(
-            f"gradient release needs an optimi optimizer constructed with gradient_release=True, "
+            "gradient release needs an optimi optimizer constructed with gradient_release=True, "
             f"got {type(optimizer).__module__}.{type(optimizer).__qualname__}"
         )
     if not optimizer.defaults.get("gradient_release", False):
         raise ValueError(
             f"optimizer {type(optimizer).__name__} was constructed with gradient_release=False; "
-            "construct it with gradient_release=True to use prepare_for_gradient_release"
+            "construct it with gradient_release=True to use gradient release"
         )
 
 
-def _is_managed(optimizer: OptimiOptimizer, param: Tensor) -> bool:
-    try:
-        optimizer.group_of(param)
-    except ValueError:
-        return False
-    return True
+def check_managed(optimizer: OptimiOptimizer, named_params: list[tuple[str, Tensor]]) -> None:
+    """Raise if a trainable parameter is not in ``optimizer`` (release would never step it)."""
+    missing = []
+    for name, param in named_params:
+        try:
+            optimizer.group_of(param)
+        except ValueError:
+            missing.append(name)
+    if missing:
+        raise ValueError(
+            f"{len(missing)} trainable parameter(s) of the model are not in the optimizer, so gradient release "
+            f"would never step them: {_name_list(missing)}. Add them to the optimizer (for a distributed model: "
+            "build it from the parameters after fully_shard / DistributedDataParallel) or set requires_grad=False"
+        )
+
+
+def check_no_existing_hooks(named_params: list[tuple[str, Tensor]], ignore_existing_hooks: bool) -> None:
+    """Raise if a parameter already has post-accumulate-grad hooks, unless told to ignore them.
+
+    ``optimi.distributed.memory_report``'s gradient sampler (marked ``optimi_memory_hook``) only
+    reads gradients and does not count.
+    """
+    if ignore_existing_hooks:
+        return
+    hooked = [
+        name
+        for name, p in named_params
+        if any(
+            not getattr(hook, "optimi_memory_hook", False)
+            for hook in (getattr(p, "_post_accumulate_grad_hooks", None) or {}).values()
+        )
+    ]
+    if hooked:
+        raise ValueError(
+            f"parameter(s) {_name_list(hooked)} already have post-accumulate-grad hooks: another integration "
+            "may already step or free these gradients, and gradient release steps and frees them too (a later "
+            "hook would see None). Pass ignore_existing_hooks=True to add the release hooks after the existing ones"
+        )
 
 
 def _name_list(names: list[str], limit: int = 5) -> str:

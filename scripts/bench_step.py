@@ -131,33 +131,30 @@ def time_steps(impl: Implementation, inner: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / inner
 
 
-def bandwidth_probe(numel: int, device: torch.device) -> tuple[Callable[[], float], int]:
-    """In-place fp32 add over ``numel`` elements: returns a timer and its bytes per element."""
-    a = torch.randn(numel, device=device)
-    b = torch.randn(numel, device=device)
+def _timer(operation: Callable[[], object], device: torch.device) -> Callable[[], float]:
+    """A function that runs ``operation`` once, synchronized, and returns its seconds."""
 
     def run() -> float:
         sync(device)
         start = time.perf_counter()
-        a.add_(b)
+        operation()
         sync(device)
         return time.perf_counter() - start
 
-    return run, 12
+    return run
+
+
+def bandwidth_probe(numel: int, device: torch.device) -> tuple[Callable[[], float], int]:
+    """In-place fp32 add over ``numel`` elements: returns a timer and its bytes per element."""
+    a = torch.randn(numel, device=device)
+    b = torch.randn(numel, device=device)
+    return _timer(lambda: a.add_(b), device), 12
 
 
 def copy_probe(numel: int, device: torch.device) -> Callable[[], float]:
     a = torch.randn(numel, device=device)
     b = torch.empty_like(a)
-
-    def run() -> float:
-        sync(device)
-        start = time.perf_counter()
-        b.copy_(a)
-        sync(device)
-        return time.perf_counter() - start
-
-    return run
+    return _timer(lambda: b.copy_(a), device)
 
 
 def without_packed_pairs(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.hooks import RemovableHandle
 
-from optimi.distributed._common import check_managed, check_no_existing_hooks, check_release_optimizer
+from optimi.gradient_release import check_managed, check_no_existing_hooks, check_release_optimizer
 from optimi.optimizer import OptimiOptimizer
 
 __all__ = ["prepare_ddp_gradient_release", "remove_ddp_gradient_release"]

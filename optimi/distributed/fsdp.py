@@ -33,7 +33,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from optimi.distributed._common import check_managed, check_no_existing_hooks, check_release_optimizer
+from optimi.gradient_release import check_managed, check_no_existing_hooks, check_release_optimizer
 from optimi.optimizer import OptimiOptimizer
 
 __all__ = ["is_fsdp2_model", "prepare_fsdp_gradient_release", "remove_fsdp_gradient_release"]

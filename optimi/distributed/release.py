@@ -7,9 +7,9 @@ import warnings
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from optimi.distributed._common import check_release_optimizer
 from optimi.distributed.ddp import prepare_ddp_gradient_release, remove_ddp_gradient_release
 from optimi.distributed.fsdp import is_fsdp2_model, prepare_fsdp_gradient_release, remove_fsdp_gradient_release
+from optimi.gradient_release import check_release_optimizer
 from optimi.optimizer import OptimiOptimizer
 
 __all__ = ["prepare_gradient_release", "remove_gradient_release"]
