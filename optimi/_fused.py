@@ -27,6 +27,10 @@ or step:
 * after a configuration's first call its compiled graph is called without Dynamo (see [Note:
   calling the compiled graph directly] at :class:`_CompiledStep`).
 
+On CPU the arithmetic the kernel derives from the packed scalars is moved out of its loop before
+the kernel is built ([Note: hoisting the hyperparameters] in ``_cpp_hoist.py``): Inductor writes
+it inside the loop, where the compiler has to redo it for every vector.
+
 [Note: the fused backend leaves gradients intact]
 The for-loop and foreach rules write temporaries into the gradient buffer to save allocations
 ([Note: the gradient is a scratch buffer]). Inside a compiled kernel a temporary costs nothing
@@ -98,15 +102,17 @@ would be wrapped in ``torch._dynamo.disable``, so Dynamo splits the compiled reg
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from optimi._cpp_hoist import hoist_invariant_scalars
 from optimi._kernels import TENSOR_OPS, TensorOps
 
 __all__ = ["FusedOps", "run_fused", "compiled_configurations"]
@@ -288,12 +294,16 @@ def _pack(even: Tensor, odd: Tensor) -> Tensor:
 #: off to compare with the plain fused kernel, which gives the same bits more slowly
 PACK_BF16_PAIRS = True
 
+#: evaluate the CPU kernels' hyperparameter arithmetic once per call instead of once per vector
+#: ([Note: hoisting the hyperparameters] in _cpp_hoist.py); tests switch it off to compare bits
+HOIST_SCALARS = True
+
 #: call a configuration's compiled graph without Dynamo once it is compiled ([Note: calling the
 #: compiled graph directly]); tests switch it off to compare with Dynamo's own dispatch
 CALL_GRAPHS_DIRECTLY = True
 
 # (packed, update, device type, dtypes and None pattern, static switches, scalar names, gradient
-# is output) -> compiled step
+# is output, hoisted scalars) -> compiled step
 _COMPILED: dict[tuple, _CompiledStep] = {}
 # configurations whose packed kernel failed to compile: they run the plain kernel
 _PACKING_FAILED: set[tuple] = set()
@@ -337,6 +347,7 @@ class _CompiledStep:
         self.graphs: list[tuple[list[tuple[int, bool]] | None, Callable[[list], Any] | None]] = []
         self.direct: tuple[Callable[[list], Any], list[tuple[int, bool]], torch.device] | None = None
         self.dynamo_calls = 0
+        self.hoisted_statements = 0  # over the C++ kernels this step compiled (tests, docs)
         options = dict(isolate_recompiles=True) if _COMPILE_HAS_ISOLATION else {}
         self.dynamo_step = torch.compile(step, dynamic=True, backend=self._compile, **options)
 
@@ -354,7 +365,7 @@ class _CompiledStep:
 
         # AOTAutograd's cache would return a wrapped graph without calling compile_inner (Inductor's
         # own FX graph cache still spares the C++ compile)
-        with _functorch_config.patch(enable_autograd_cache=False):
+        with _functorch_config.patch(enable_autograd_cache=False), self._hoisting_scalars():
             compiled = compile_fx(
                 graph, example_inputs, inner_compile=compile_inner, config_patches=self.inductor_options
             )
@@ -363,6 +374,51 @@ class _CompiledStep:
             call = lambda arguments: compiled(*arguments)  # noqa: E731 - AOTAutograd's wrappers kept
         self.graphs.append((plan, call))
         return compiled
+
+    @contextlib.contextmanager
+    def _hoisting_scalars(self) -> Iterator[None]:
+        """While compiling, rewrite each C++ kernel before it is built (see ``_cpp_hoist``).
+
+        Inductor hands every CPU kernel's source to ``AsyncCompile.cpp_pybinding``, also when it
+        loads a graph from its FX graph cache, so the rewrite applies to both. The class attribute
+        is swapped back on exit; a kernel another thread compiles meanwhile is rewritten too,
+        which changes its speed, never its results. A rewritten kernel is built at once rather
+        than in Inductor's worker pool, so that should a compiler reject it, the kernel as
+        generated is built instead (with a warning) and the step still runs.
+        """
+        try:
+            from torch._inductor.async_compile import AsyncCompile
+        except ImportError:  # pragma: no cover - a torch that moved it: kernels stay as generated
+            yield
+            return
+        build = AsyncCompile.cpp_pybinding
+        if not HOIST_SCALARS or not callable(build):
+            yield
+            return
+
+        def build_hoisted(compiler: Any, argument_types: list[str], source: str) -> Any:
+            rewritten, moved = hoist_invariant_scalars(source)
+            if not moved:
+                return build(compiler, argument_types, source)
+            try:
+                kernel = build(compiler, argument_types, rewritten)
+                kernel = kernel.result() if hasattr(kernel, "result") else kernel  # a pool's future
+            except Exception as error:  # any compiler's complaint: the generated source still builds
+                warnings.warn(
+                    f"optimi: a CPU kernel with its scalars hoisted failed to build ({type(error).__name__}: "
+                    f"{error}); using the kernel as Inductor generated it (same results, slower)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                return build(compiler, argument_types, source)
+            self.hoisted_statements += moved
+            return kernel
+
+        AsyncCompile.cpp_pybinding = build_hoisted
+        try:
+            yield
+        finally:
+            AsyncCompile.cpp_pybinding = build
 
     def direct_call(
         self, packed_scalars: Tensor, columns: Sequence[Tensor | None]
@@ -598,7 +654,7 @@ def run_fused(
             update(TENSOR_OPS, *row, **scalars, **{k: v[index] for k, v in per_tensor.items()})
             continue
         device = param.device
-        config = (update, device.type, tuple(dtypes), static_key, names, gradient_is_output)
+        config = (update, device.type, tuple(dtypes), static_key, names, gradient_is_output, HOIST_SCALARS)
         packed = packable and device.type == "cpu" and config not in _PACKING_FAILED
         key = (packed, *config)
         step = _COMPILED.get(key)

@@ -5,6 +5,7 @@ Command lines (the table in docs/benchmarks.md comes from the first)::
     python scripts/bench_step.py                                  # all optimizers, CPU, 10M elements, 2 threads
     python scripts/bench_step.py --optimizers adamw --rounds 15   # one optimizer, more samples
     python scripts/bench_step.py --optimizers adamw --compare-packing  # + the plain bf16 CPU kernel
+    python scripts/bench_step.py --optimizers adamw --compare-hoisting # + CPU kernels as generated
     python scripts/bench_step.py --device cuda --numel 100000000  # on a GPU (synchronized timing)
     python scripts/bench_step.py --numel 200000 --rounds 2        # a quick smoke run
     python scripts/bench_step.py --optimizers adamw --torch-optimi DIR  # + torch-optimi's steps
@@ -175,6 +176,33 @@ def without_packed_pairs(optimizer: torch.optim.Optimizer) -> torch.optim.Optimi
     return optimizer
 
 
+def without_hoisting(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """``optimizer`` stepping with CPU kernels as Inductor generated them, scalars in the loop.
+
+    See [Note: hoisting the hyperparameters] in ``optimi/_cpp_hoist.py``: both give the same bits.
+    Inductor's in-memory module cache is cleared before its first step, so that step builds its
+    kernels afresh instead of reusing the rewritten ones (the on-disk caches are off unless
+    ``--warm-cache``).
+    """
+    step = optimizer.step
+    first = [True]
+
+    def generated_step(*args, **kwargs):
+        if first[0]:
+            from torch._inductor.codecache import PyCodeCache
+
+            PyCodeCache.cache_clear()
+            first[0] = False
+        _fused.HOIST_SCALARS = False
+        try:
+            return step(*args, **kwargs)
+        finally:
+            _fused.HOIST_SCALARS = True
+
+    optimizer.step = generated_step
+    return optimizer
+
+
 def load_torch_optimi(directory: str) -> Any:
     """torch-optimi (the reference library, import name ``optimi`` too) loaded beside this optimi.
 
@@ -210,6 +238,14 @@ def implementations(name: str, dtypes: list[str], backends: list[str], args, dev
                 label = f"optimi {backend.replace('_', '-')}" + (" +Kahan" if dtype_name == "bf16" else "")
                 kwargs = dict(optimi_kwargs, **flags[backend])
                 builders.append((label, dtype_name, lambda ps, kw=kwargs: optimi_cls(ps, lr=1e-3, **kw)))
+                if backend == "fused" and args.device == "cpu" and args.compare_hoisting:
+                    builders.append(
+                        (
+                            label + " (scalars in loop)",
+                            dtype_name,
+                            lambda ps, kw=kwargs: without_hoisting(optimi_cls(ps, lr=1e-3, **kw)),
+                        )
+                    )
                 if backend == "fused" and dtype_name == "bf16" and args.device == "cpu" and args.compare_packing:
                     builders.append(
                         (
@@ -265,6 +301,11 @@ def main(argv: list[str] | None = None) -> int:
         "--compare-packing",
         action="store_true",
         help="CPU: also time bf16 fused with the plain kernel instead of the packed int32-pair one",
+    )
+    parser.add_argument(
+        "--compare-hoisting",
+        action="store_true",
+        help="CPU: also time fused with the hyperparameter arithmetic left inside the kernel's loop",
     )
     parser.add_argument("--warm-cache", action="store_true", help="keep Inductor's on-disk compile caches")
     parser.add_argument(

@@ -433,3 +433,60 @@ def test_flat_views_follow_a_parameter_whose_data_is_replaced():
             assert not torch.equal(param.detach(), old)  # the old memory was left alone
         results.append(param.detach().clone())
     assert torch.equal(*results)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("spec", OPTIMIZERS, ids=spec_id)
+def test_hoisted_scalars_give_the_generated_kernels_bits(spec, dtype, monkeypatch):
+    """CPU kernels with their hyperparameter arithmetic hoisted out of the loop give the same bits.
+
+    Each run compiles afresh (no FX graph cache, no loaded modules), so one run builds the kernels
+    as Inductor generated them and the other the rewritten ones ([Note: hoisting the
+    hyperparameters] in ``optimi/_cpp_hoist.py``); the counts show which is which.
+    """
+    from torch._inductor import config as inductor_config
+    from torch._inductor.codecache import PyCodeCache
+
+    results, moved = [], []
+    for hoist in (False, True):
+        monkeypatch.setattr(_fused, "HOIST_SCALARS", hoist)
+        monkeypatch.setattr(_fused, "_COMPILED", {})
+        PyCodeCache.cache_clear()
+        params = params_on("cpu", dtype)
+        optimizer = spec.optimi_cls(params, lr=spec.lr, fused=True, **spec.kwargs)
+        with inductor_config.patch(fx_graph_cache=False):
+            train_on(optimizer, params, spec.lr, steps=4)
+        results.append(state_tensors(optimizer, params))
+        moved.append(sum(step.hoisted_statements for step in _fused._COMPILED.values()))
+    assert moved[0] == 0 and moved[1] > 0, moved
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    for generated, hoisted in zip(*results):
+        assert torch.equal(generated.view(bits), hoisted.view(bits))
+
+
+def test_a_rewritten_kernel_that_fails_to_build_falls_back_to_the_generated_one(monkeypatch):
+    """Should a compiler reject a rewritten kernel, the step warns and runs the kernel as generated."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.codecache import PyCodeCache
+
+    def broken(source: str) -> tuple[str, int]:
+        return source.replace("{", "{ this does not compile;", 1), 1
+
+    results = []
+    for rewrite in (None, broken):
+        monkeypatch.setattr(_fused, "_COMPILED", {})
+        if rewrite is not None:
+            monkeypatch.setattr(_fused, "hoist_invariant_scalars", rewrite)
+        PyCodeCache.cache_clear()
+        params = params_on("cpu", torch.float32)
+        optimizer = optimi.AdamW(params, lr=1e-2, weight_decay=0.1, fused=True)
+        with inductor_config.patch(fx_graph_cache=False):
+            if rewrite is None:
+                train_on(optimizer, params, 1e-2, steps=2)
+            else:
+                with pytest.warns(RuntimeWarning, match="scalars hoisted failed to build"):
+                    train_on(optimizer, params, 1e-2, steps=2)
+                assert sum(step.hoisted_statements for step in _fused._COMPILED.values()) == 0
+        results.append(state_tensors(optimizer, params))
+    for expected, actual in zip(*results):
+        assert torch.equal(expected, actual)
