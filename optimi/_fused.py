@@ -7,11 +7,6 @@
 reads the parameter, gradient and states once and writes the parameter and states once:
 vectorized C++ on CPU, a Triton kernel on CUDA. There is no second copy of the math.
 
-An update rule whose caller reads a result back from the gradient buffer (StableAdamW's first
-pass leaves ``g^2 / max(v, eps^2)`` there for the per-tensor reduction) is marked with
-:func:`optimi._kernels.gradient_is_output`; only for such rules does the compiled kernel store
-the gradient.
-
 What keeps compilation to once per *configuration* (update rule, device type, dtype, which
 optional tensors are ``None``, the rule's ``bool``/``None`` switches) rather than once per shape
 or step:
@@ -85,19 +80,19 @@ bf16 values. A bf16 value is the upper half of the float32 with the same value, 
 runs twice, on the even and on the odd halves, under :class:`PackedOps`, which rounds each store
 exactly as :class:`FusedOps` rounds a bf16 store; every value written is then exactly
 representable in bf16, and a pair goes back into its word with one shift and one bitwise select.
-Only the columns the rule wrote are stored (StableAdamW's first pass leaves the parameter and
-the Kahan buffer untouched). The result is bit-identical to the plain fused kernel
+Only the columns the rule wrote are stored (a rule that leaves a state untouched does not
+rewrite it). The result is bit-identical to the plain fused kernel
 (``tests/test_fused.py``) and the bf16+Kahan AdamW step runs 1.2-1.3x faster on a 2-core AVX-512
 CPU (docs/benchmarks.md). Rows with an odd length or offset, other dtypes, and CUDA (where
 Inductor's conversions are cheap) run the plain kernel.
 
 [Note: reductions and collectives]
-An update rule may reduce over its tensor (``ops.sum``): Inductor then emits a reduction kernel
-followed by the elementwise pass. StableAdamW instead splits its step into two rules and sums
-eagerly in between, so that its optional ``reduce_sums`` (an all-reduce across DTensor shards)
-never enters a graph: the fused backend compiles both passes, and only the first one stores the
-gradient buffer (see ``gradient_is_output`` above). A callable passed among a rule's scalars
-would be wrapped in ``torch._dynamo.disable``, so Dynamo splits the compiled region around it.
+An update rule may reduce over its tensor into a 0-d tensor it is given (``ops.sum_into_``):
+Inductor then emits a reduction loop. StableAdamW splits its step into two rules, a pure
+reduction and the update ([Note: StableAdamW's two passes] in ``stableadamw.py``), and combines
+the sums eagerly in between, so that its optional ``reduce_sums`` (an all-reduce across DTensor
+shards) never enters a graph. A callable passed among a rule's scalars would be wrapped in
+``torch._dynamo.disable``, so Dynamo splits the compiled region around it.
 """
 
 from __future__ import annotations
@@ -302,8 +297,8 @@ HOIST_SCALARS = True
 #: compiled graph directly]); tests switch it off to compare with Dynamo's own dispatch
 CALL_GRAPHS_DIRECTLY = True
 
-# (packed, update, device type, dtypes and None pattern, static switches, scalar names, gradient
-# is output, hoisted scalars) -> compiled step
+# (packed, update, device type, dtypes and None pattern, static switches, scalar names, hoisted
+# scalars) -> compiled step
 _COMPILED: dict[tuple, _CompiledStep] = {}
 # configurations whose packed kernel failed to compile: they run the plain kernel
 _PACKING_FAILED: set[tuple] = set()
@@ -524,7 +519,6 @@ def _make_step(
     names: tuple[str, ...],
     static: dict[str, Any],
     number_columns: tuple[int, ...],
-    gradient_is_output: bool,
     device_type: str,
     packed: bool,
 ) -> _CompiledStep:
@@ -554,10 +548,9 @@ def _make_step(
     def fused_step(packed_scalars: Tensor, *columns: Tensor | None) -> None:
         args, scalars = arguments(packed_scalars, columns)
         ops = FusedOps(round_stores, splits_in(packed_scalars))
-        if not gradient_is_output:
-            # a private float32 copy of the gradient: the rule's temporaries live there unrounded
-            # and the kernel never stores it ([Note: fused numerics])
-            args[1] = args[1].float() if args[1].dtype in _LOW_PRECISION else args[1].clone()
+        # a private float32 copy of the gradient: the rule's temporaries live there unrounded and
+        # the kernel never stores it ([Note: fused numerics])
+        args[1] = args[1].float() if args[1].dtype in _LOW_PRECISION else args[1].clone()
         comp = args[-1]
         if kahan_in_float32 and isinstance(comp, Tensor) and comp.dtype in _LOW_PRECISION:
             # CPU: the Kahan buffer's updates are summed in a float32 copy and stored once; the
@@ -578,15 +571,14 @@ def _make_step(
             half_args = [pair[half] for pair in halves]
             # the gradient half is already a private float32 copy ([Note: fused numerics])
             exact = [half_args[-1]] if isinstance(comp, Tensor) else []
-            if not gradient_is_output:
-                exact.append(half_args[1])
+            exact.append(half_args[1])
             half_ops = PackedOps(exact, splits)
             update(half_ops, *half_args, **scalars, **static)
             written.append(half_ops.written)
         for i, (even, odd) in enumerate(halves):
             if not is_word[i] or not any(even is t for t in written[0]):
                 continue
-            if i == 1 and not gradient_is_output:  # the rule's scratch space, never stored
+            if i == 1:  # the rule's scratch space, never stored
                 continue
             if i == len(halves) - 1:  # the Kahan buffer, summed unrounded: round it once now
                 split = splits[torch.bfloat16]
@@ -622,7 +614,6 @@ def run_fused(
     names = tuple(numbers) + tuple(per_tensor)
     static_key = tuple(sorted((k, v if _is_static(v) else id(v)) for k, v in static.items()))
     shared = [_as_float(v) for v in numbers.values()]
-    gradient_is_output = getattr(update, "gradient_is_output", False)
     packed_on: dict[torch.device, Tensor] = {}
 
     scalars = {k: v for k, v in scalars.items() if k not in per_tensor}
@@ -654,14 +645,12 @@ def run_fused(
             update(TENSOR_OPS, *row, **scalars, **{k: v[index] for k, v in per_tensor.items()})
             continue
         device = param.device
-        config = (update, device.type, tuple(dtypes), static_key, names, gradient_is_output, HOIST_SCALARS)
+        config = (update, device.type, tuple(dtypes), static_key, names, HOIST_SCALARS)
         packed = packable and device.type == "cpu" and config not in _PACKING_FAILED
         key = (packed, *config)
         step = _COMPILED.get(key)
         if step is None:
-            step = _COMPILED[key] = _make_step(
-                update, names, static, tuple(number_columns), gradient_is_output, device.type, packed
-            )
+            step = _COMPILED[key] = _make_step(update, names, static, tuple(number_columns), device.type, packed)
         if per_tensor or number_columns:
             values = shared + [_as_float(v[index]) for v in per_tensor.values()]
             values += [_as_float(row[i]) for i in number_columns]
@@ -675,7 +664,7 @@ def run_fused(
         if call is not None:
             direct_calls.append(call)
         elif packed:
-            plain = (update, names, static, tuple(number_columns), gradient_is_output, device.type, False)
+            plain = (update, names, static, tuple(number_columns), device.type, False)
             _run_packed(step, key, scalars_tensor, columns, row, plain)
         else:
             step(scalars_tensor, *columns)

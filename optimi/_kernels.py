@@ -50,7 +50,6 @@ __all__ = [
     "weight_decay_terms",
     "bucket_by_device_dtype",
     "run_update",
-    "gradient_is_output",
 ]
 
 
@@ -157,6 +156,15 @@ class TensorOps:
     @staticmethod
     def numel(x: Tensor) -> int:
         return x.numel()
+
+    @staticmethod
+    def copy_of(x: Tensor) -> Tensor:
+        """A new tensor holding ``x``'s values (inside a compiled kernel: registers, not memory)."""
+        return x.clone()
+
+    def sum_into_(self, out: Tensor, x: Tensor) -> Tensor:
+        """``out = sum(x)``, accumulated as :meth:`sum` accumulates, for a 0-d or 1-element ``out``."""
+        return out.copy_(self.sum(x).reshape(out.shape))
 
 
 class ForeachOps:
@@ -287,16 +295,6 @@ class ForeachOps:
 
 TENSOR_OPS = TensorOps()
 FOREACH_OPS = ForeachOps()
-
-
-def gradient_is_output(update: Callable[..., None]) -> Callable[..., None]:
-    """Mark an update rule that leaves a result in the gradient buffer for its caller to read.
-
-    Backends that otherwise keep the gradient read-only (the fused backend, see
-    [Note: the fused backend leaves gradients intact] in ``_fused.py``) then store it.
-    """
-    update.gradient_is_output = True  # type: ignore[attr-defined]
-    return update
 
 
 def update_target(param: Any, kahan_comp: Any) -> Any:

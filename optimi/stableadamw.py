@@ -11,7 +11,6 @@ from torch import Tensor
 from optimi._kernels import (
     TENSOR_OPS,
     finish_update_,
-    gradient_is_output,
     run_update,
     update_target,
     weight_decay_terms,
@@ -154,28 +153,41 @@ def stableadamw(
 ) -> None:
     """Functional StableAdamW: update ``params`` in place (see :class:`StableAdamW` for the rule).
 
-    Two passes. The first folds the gradient into the moments and sums ``g^2 / max(v, eps^2)``
-    per tensor; ``reduce_sums(sums, counts)`` may then combine the per-tensor sums and element
-    counts across shards (``None``: each tensor is whole here), and the second pass applies each
-    tensor's clipped learning rate. With ``accumulate=True`` only the moments absorb the gradient.
-    ``step`` is the 1-based step count used for debiasing.
+    Two passes, because each tensor's clipped learning rate needs a sum over the whole tensor of
+    ``g^2 / max(v, eps^2)`` with this step's ``v``. ``reduce_sums(sums, counts)`` may combine the
+    per-tensor sums and element counts across shards between them (``None``: each tensor is
+    whole here). With ``accumulate=True`` only the moments absorb the gradient. ``step`` is the
+    1-based step count used for debiasing.
+
+    [Note: StableAdamW's two passes]
+    The for-loop and foreach backends fold the gradient into the moments in the first pass and
+    leave ``g^2 / max(v, eps^2)`` in the gradient buffer, which is summed eagerly; the second pass
+    applies the step. That needs no memory beyond the gradient, but moves 44 bytes per fp32
+    element where the step itself needs 28. A compiled kernel keeps temporaries in registers, so
+    the fused backend instead makes the first pass a pure reduction (it reads ``g`` and ``v``,
+    forms this step's ``v`` without storing it, and sums the ratio in the kernel) and the second
+    pass one update of moments and parameter: 36 bytes per element. Both orders are composed from
+    the same functions (:func:`_second_moment_`, :func:`_rms_terms_`, :func:`_clipped_step_`), so
+    the math exists once.
     """
     if not params:
         return
-    run_update(
-        _stableadamw_moments,
-        backend,
-        (params, grads, exp_avgs, exp_avg_sqs, kahan_comps),
-        beta1=debiased_beta(beta1, step),
-        beta2=debiased_beta(beta2, step),
-        eps_sq=eps * eps,
-        accumulate=accumulate,
-    )
+    betas = dict(beta1=debiased_beta(beta1, step), beta2=debiased_beta(beta2, step))
+    tensors = (params, grads, exp_avgs, exp_avg_sqs)
+    fused = backend == "fused"
     if accumulate:
+        run_update(_stableadamw_moments, backend, (*tensors, kahan_comps), **betas, eps_sq=eps * eps, accumulate=True)
         return
-
-    # the gradient buffers now hold g^2 / max(v, eps^2): reduce them to one RMS per tensor
-    sums = [TENSOR_OPS.sum(grad) for grad in grads]
+    if fused:
+        accumulator = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+        sums = [torch.zeros((), dtype=accumulator, device=p.device) for p in params]
+        run_update(
+            _stableadamw_rms_sums, backend, (*tensors, sums, kahan_comps), beta2=betas["beta2"], eps_sq=eps * eps
+        )
+    else:
+        run_update(_stableadamw_moments, backend, (*tensors, kahan_comps), **betas, eps_sq=eps * eps, accumulate=False)
+        # the gradient buffers now hold g^2 / max(v, eps^2): reduce them to one RMS per tensor
+        sums = [TENSOR_OPS.sum(grad) for grad in grads]
     counts = [TENSOR_OPS.numel(grad) for grad in grads]
     if reduce_sums is not None:
         sums, counts = reduce_sums(sums, counts)
@@ -192,25 +204,66 @@ def stableadamw(
     has_decay = weight_decay != 0
     # per-tensor scalars travel as columns next to the tensors: floats in the for-loop,
     # lists in the foreach backend
-    run_update(
-        _stableadamw_step,
-        backend,
-        (
-            params,
-            grads,
-            exp_avgs,
-            exp_avg_sqs,
-            [-lr_i for lr_i in lrs],
-            [1 - d if has_decay else 1.0 for d in decays],
-            [-d if has_decay else 0.0 for d in decays],
-            kahan_comps,
-        ),
-        eps=eps,
-        has_decay=has_decay,
+    per_tensor = (
+        [-lr_i for lr_i in lrs],
+        [1 - d if has_decay else 1.0 for d in decays],
+        [-d if has_decay else 0.0 for d in decays],
     )
+    if fused:
+        run_update(
+            _stableadamw_update, backend, (*tensors, *per_tensor, kahan_comps), **betas, eps=eps, has_decay=has_decay
+        )
+    else:
+        run_update(_stableadamw_step, backend, (*tensors, *per_tensor, kahan_comps), eps=eps, has_decay=has_decay)
 
 
-@gradient_is_output  # the RMS reduction reads g^2 / max(v, eps^2) back from the gradient buffer
+def _second_moment_(ops: Any, exp_avg_sq: Any, grad: Any, beta2: float | Tensor) -> None:
+    """``v <- beta2 v + (1 - beta2) g^2``."""
+    ops.mul_(exp_avg_sq, beta2)
+    ops.addcmul_(exp_avg_sq, grad, grad, value=1 - beta2)
+
+
+def _rms_terms_(ops: Any, grad: Any, exp_avg_sq: Any, eps_sq: float | Tensor) -> None:
+    """``g <- g^2 / max(v, eps^2)`` in the gradient buffer: the terms the RMS averages.
+
+    The paper's RMS uses the second moment after this step's update.
+    """
+    ops.mul_tensor_(grad, grad)
+    ops.div_tensor_(grad, ops.clamp_min(exp_avg_sq, eps_sq))
+
+
+def _clipped_step_(
+    ops: Any,
+    param: Any,
+    grad: Any,
+    exp_avg: Any,
+    exp_avg_sq: Any,
+    neg_lr: float | Tensor,
+    keep: float | Tensor,
+    neg_decay: float | Tensor,
+    kahan_comp: Any,
+    eps: float | Tensor,
+    has_decay: bool,
+) -> None:
+    """``p <- p (1 - eta lambda) - eta m / (sqrt(v) + eps)`` with this tensor's clipped lr ``eta``.
+
+    ``neg_lr = -eta``, ``keep = 1 - decay`` and ``neg_decay = -decay``; the gradient is dead.
+    """
+    denom = ops.scratch(grad)
+    ops.sqrt_into_(denom, exp_avg_sq)
+    ops.add_scalar_(denom, eps)
+
+    target = update_target(param, kahan_comp)
+    if has_decay:
+        if kahan_comp is None:
+            ops.mul_(param, keep)
+        else:
+            # the decay of a bf16 weight is mostly below its ulp: sum it with the update
+            ops.add_(kahan_comp, param, alpha=neg_decay)
+    ops.addcdiv_(target, exp_avg, denom, value=neg_lr)
+    finish_update_(ops, param, kahan_comp, denom)
+
+
 def _stableadamw_moments(
     ops: Any,
     param: Any,
@@ -224,15 +277,11 @@ def _stableadamw_moments(
     eps_sq: float | Tensor,
     accumulate: bool,
 ) -> None:
-    """First pass: update the (debiased) moments, then leave ``g^2 / max(v, eps^2)`` in the gradient buffer."""
+    """First pass (for-loop, foreach): update the (debiased) moments, leave the RMS terms in the gradient buffer."""
     ops.lerp_(exp_avg, grad, 1 - beta1)
-    ops.mul_(exp_avg_sq, beta2)
-    ops.addcmul_(exp_avg_sq, grad, grad, value=1 - beta2)
-    if accumulate:
-        return
-    # the paper's RMS uses the second moment after this step's update
-    ops.mul_tensor_(grad, grad)
-    ops.div_tensor_(grad, ops.clamp_min(exp_avg_sq, eps_sq))
+    _second_moment_(ops, exp_avg_sq, grad, beta2)
+    if not accumulate:
+        _rms_terms_(ops, grad, exp_avg_sq, eps_sq)
 
 
 def _stableadamw_step(
@@ -249,20 +298,51 @@ def _stableadamw_step(
     eps: float | Tensor,
     has_decay: bool,
 ) -> None:
-    """Second pass: ``p <- p (1 - eta lambda) - eta m / (sqrt(v) + eps)`` with this tensor's clipped lr ``eta``.
+    """Second pass (for-loop, foreach): the clipped step, the moments already updated."""
+    _clipped_step_(ops, param, grad, exp_avg, exp_avg_sq, neg_lr, keep, neg_decay, kahan_comp, eps, has_decay)
 
-    ``neg_lr = -eta``, ``keep = 1 - decay`` and ``neg_decay = -decay`` are per tensor.
+
+def _stableadamw_rms_sums(
+    ops: Any,
+    param: Any,
+    grad: Any,
+    exp_avg: Any,
+    exp_avg_sq: Any,
+    rms_sum: Any,
+    kahan_comp: Any,
+    *,
+    beta2: float | Tensor,
+    eps_sq: float | Tensor,
+) -> None:
+    """First pass (fused): ``rms_sum = sum(g^2 / max(v_t, eps^2))``, storing nothing else.
+
+    This step's ``v_t`` and the terms live in temporaries (registers in a compiled kernel); the
+    gradient survives for the second pass.
     """
-    denom = ops.scratch(grad)
-    ops.sqrt_into_(denom, exp_avg_sq)
-    ops.add_scalar_(denom, eps)
+    updated_exp_avg_sq = ops.copy_of(exp_avg_sq)
+    _second_moment_(ops, updated_exp_avg_sq, grad, beta2)
+    terms = ops.copy_of(grad)
+    _rms_terms_(ops, terms, updated_exp_avg_sq, eps_sq)
+    ops.sum_into_(rms_sum, terms)
 
-    target = update_target(param, kahan_comp)
-    if has_decay:
-        if kahan_comp is None:
-            ops.mul_(param, keep)
-        else:
-            # the decay of a bf16 weight is mostly below its ulp: sum it with the update
-            ops.add_(kahan_comp, param, alpha=neg_decay)
-    ops.addcdiv_(target, exp_avg, denom, value=neg_lr)
-    finish_update_(ops, param, kahan_comp, denom)
+
+def _stableadamw_update(
+    ops: Any,
+    param: Any,
+    grad: Any,
+    exp_avg: Any,
+    exp_avg_sq: Any,
+    neg_lr: float | Tensor,
+    keep: float | Tensor,
+    neg_decay: float | Tensor,
+    kahan_comp: Any,
+    *,
+    beta1: float | Tensor,
+    beta2: float | Tensor,
+    eps: float | Tensor,
+    has_decay: bool,
+) -> None:
+    """Second pass (fused): the moments and the clipped step in one pass over memory."""
+    ops.lerp_(exp_avg, grad, 1 - beta1)
+    _second_moment_(ops, exp_avg_sq, grad, beta2)
+    _clipped_step_(ops, param, grad, exp_avg, exp_avg_sq, neg_lr, keep, neg_decay, kahan_comp, eps, has_decay)
