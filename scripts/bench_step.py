@@ -158,22 +158,30 @@ def copy_probe(numel: int, device: torch.device) -> Callable[[], float]:
     return _timer(lambda: b.copy_(a), device)
 
 
+def _stepping_with_switch_off(optimizer: torch.optim.Optimizer, switch: str, before_first_step=None):
+    """``optimizer`` stepping with ``optimi._fused.<switch>`` set to ``False`` (``True`` otherwise)."""
+    step = optimizer.step
+    first_step_hooks = [before_first_step] if before_first_step is not None else []
+
+    def switched_step(*args, **kwargs):
+        while first_step_hooks:
+            first_step_hooks.pop()()
+        setattr(_fused, switch, False)
+        try:
+            return step(*args, **kwargs)
+        finally:
+            setattr(_fused, switch, True)
+
+    optimizer.step = switched_step
+    return optimizer
+
+
 def without_packed_pairs(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """``optimizer`` stepping with the plain fused CPU kernel instead of the packed bf16 one.
 
     See [Note: packed bf16 columns] in ``optimi/_fused.py``: both give the same bits.
     """
-    step = optimizer.step
-
-    def plain_step(*args, **kwargs):
-        _fused.PACK_BF16_PAIRS = False
-        try:
-            return step(*args, **kwargs)
-        finally:
-            _fused.PACK_BF16_PAIRS = True
-
-    optimizer.step = plain_step
-    return optimizer
+    return _stepping_with_switch_off(optimizer, "PACK_BF16_PAIRS")
 
 
 def without_hoisting(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -184,23 +192,13 @@ def without_hoisting(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     kernels afresh instead of reusing the rewritten ones (the on-disk caches are off unless
     ``--warm-cache``).
     """
-    step = optimizer.step
-    first = [True]
 
-    def generated_step(*args, **kwargs):
-        if first[0]:
-            from torch._inductor.codecache import PyCodeCache
+    def clear_loaded_modules() -> None:
+        from torch._inductor.codecache import PyCodeCache
 
-            PyCodeCache.cache_clear()
-            first[0] = False
-        _fused.HOIST_SCALARS = False
-        try:
-            return step(*args, **kwargs)
-        finally:
-            _fused.HOIST_SCALARS = True
+        PyCodeCache.cache_clear()
 
-    optimizer.step = generated_step
-    return optimizer
+    return _stepping_with_switch_off(optimizer, "HOIST_SCALARS", clear_loaded_modules)
 
 
 def load_torch_optimi(directory: str) -> Any:
