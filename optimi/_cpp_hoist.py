@@ -8,8 +8,8 @@ branch on its weight, each value converted to float32 and broadcast to a vector)
 body, once per 16 elements. GCC cannot move that work out of the loop: the vector stores go
 through ``__m512i``/``__m256i`` pointers, which may alias anything, so every iteration reloads the
 scalars and redoes a float64 division, conversions and broadcasts, and the broadcast vectors
-cannot stay in registers. On a 2-core AVX-512 machine this was a fifth of the bf16+Kahan AdamW
-kernel's time (measured, docs/benchmarks.md).
+cannot stay in registers. On a 2-core AVX-512 machine the bf16+Kahan AdamW kernel runs
+1.26-1.29x faster without that work (measured, docs/benchmarks.md).
 
 :func:`hoist_invariant_scalars` rewrites the generated source before it is compiled: each
 statement ``auto tmpN = <expression>;`` whose expression uses only constant-index loads from a
