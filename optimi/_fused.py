@@ -391,12 +391,13 @@ class _CompiledStep:
             yield
             return
 
-        def build_hoisted(compiler: Any, argument_types: list[str], source: str) -> Any:
-            rewritten, moved = hoist_invariant_scalars(source)
+        # the parameter names are Inductor's, so that a call by keyword still works
+        def build_hoisted(compiler: Any, argtypes: list[str], source_code: str) -> Any:
+            rewritten, moved = hoist_invariant_scalars(source_code)
             if not moved:
-                return build(compiler, argument_types, source)
+                return build(compiler, argtypes, source_code)
             try:
-                kernel = build(compiler, argument_types, rewritten)
+                kernel = build(compiler, argtypes, rewritten)
                 kernel = kernel.result() if hasattr(kernel, "result") else kernel  # a pool's future
             except Exception as error:  # any compiler's complaint: the generated source still builds
                 warnings.warn(
@@ -405,7 +406,7 @@ class _CompiledStep:
                     RuntimeWarning,
                     stacklevel=2,
                 )
-                return build(compiler, argument_types, source)
+                return build(compiler, argtypes, source_code)
             self.hoisted_statements += moved
             return kernel
 
