@@ -50,10 +50,16 @@ __all__ = [
     "weight_decay_terms",
     "bucket_by_device_dtype",
     "run_update",
+    "sum_dtype",
 ]
 
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a sum over a tensor of ``dtype`` accumulates in: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class TensorOps:
@@ -151,7 +157,7 @@ class TensorOps:
     @staticmethod
     def sum(x: Tensor) -> Tensor:
         """Sum of all elements, accumulated in float32 or wider (a 0-d tensor)."""
-        return x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+        return x.sum(dtype=sum_dtype(x.dtype))
 
     @staticmethod
     def numel(x: Tensor) -> int:

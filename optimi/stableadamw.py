@@ -12,6 +12,7 @@ from optimi._kernels import (
     TENSOR_OPS,
     finish_update_,
     run_update,
+    sum_dtype,
     update_target,
     weight_decay_terms,
 )
@@ -179,8 +180,7 @@ def stableadamw(
         run_update(_stableadamw_moments, backend, (*tensors, kahan_comps), **betas, eps_sq=eps * eps, accumulate=True)
         return
     if fused:
-        accumulator = torch.float64 if params[0].dtype == torch.float64 else torch.float32
-        sums = [torch.zeros((), dtype=accumulator, device=p.device) for p in params]
+        sums = [torch.zeros((), dtype=sum_dtype(p.dtype), device=p.device) for p in params]
         run_update(
             _stableadamw_rms_sums, backend, (*tensors, sums, kahan_comps), beta2=betas["beta2"], eps_sq=eps * eps
         )

@@ -98,3 +98,24 @@ def test_fused_first_pass_is_a_pure_reduction(dtype):
     tolerance = 1e-6 if dtype == torch.float32 else 1e-2
     assert abs(rms_sum.item() - exact.item()) <= tolerance * exact.item()
     assert rms_sum.item() > 300  # the gradient is large against v: the clipping is active
+
+
+@pytest.mark.skipif(not hasattr(torch, "compile"), reason="no torch.compile")
+def test_fused_sums_accumulate_in_each_tensors_precision():
+    """In a group mixing float32 and float64 parameters, a float64 tensor's RMS sums in float64.
+
+    Summed in float32, its clipped learning rate would be off by ~1e-7 relative and its weights by
+    ~1e-9, far beyond float64's agreement between the fused and for-loop backends.
+    """
+    generator = torch.Generator().manual_seed(2)
+    starts = [torch.randn(4096, generator=generator), torch.randn(4096, generator=generator, dtype=torch.float64)]
+    results = []
+    for backend in ("for_loop", "fused"):
+        params = [start.clone() for start in starts]
+        exp_avgs = [torch.zeros_like(p) for p in params]
+        exp_avg_sqs = [torch.zeros_like(p) for p in params]
+        for step in range(1, 4):
+            grads = [synthetic_grad(p, step, i) * 5.0 for i, p in enumerate(params)]  # RMS > 1: clipping
+            stableadamw(params, grads, exp_avgs, exp_avg_sqs, [None, None], step=step, backend=backend, **HP)
+        results.append(params[1])
+    torch.testing.assert_close(results[1], results[0], rtol=1e-13, atol=1e-13)
