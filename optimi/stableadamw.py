@@ -168,8 +168,8 @@ def stableadamw(
     the fused backend instead makes the first pass a pure reduction (it reads ``g`` and ``v``,
     forms this step's ``v`` without storing it, and sums the ratio in the kernel) and the second
     pass one update of moments and parameter: 36 bytes per element. Both orders are composed from
-    the same functions (:func:`_second_moment_`, :func:`_rms_terms_`, :func:`_clipped_step_`), so
-    the math exists once.
+    the same functions (:func:`_moments_`, :func:`_rms_terms_`, :func:`_stableadamw_step`), so the
+    math exists once.
     """
     if not params:
         return
@@ -209,18 +209,23 @@ def stableadamw(
         [1 - d if has_decay else 1.0 for d in decays],
         [-d if has_decay else 0.0 for d in decays],
     )
-    if fused:
-        run_update(
-            _stableadamw_update, backend, (*tensors, *per_tensor, kahan_comps), **betas, eps=eps, has_decay=has_decay
-        )
-    else:
-        run_update(_stableadamw_step, backend, (*tensors, *per_tensor, kahan_comps), eps=eps, has_decay=has_decay)
+    # the fused order updates the moments in this pass ([Note: StableAdamW's two passes])
+    moments = betas if fused else {}
+    run_update(
+        _stableadamw_step, backend, (*tensors, *per_tensor, kahan_comps), eps=eps, has_decay=has_decay, **moments
+    )
 
 
 def _second_moment_(ops: Any, exp_avg_sq: Any, grad: Any, beta2: float | Tensor) -> None:
     """``v <- beta2 v + (1 - beta2) g^2``."""
     ops.mul_(exp_avg_sq, beta2)
     ops.addcmul_(exp_avg_sq, grad, grad, value=1 - beta2)
+
+
+def _moments_(ops: Any, grad: Any, exp_avg: Any, exp_avg_sq: Any, beta1: float | Tensor, beta2: float | Tensor) -> None:
+    """Fold the gradient into both (debiased) moments."""
+    ops.lerp_(exp_avg, grad, 1 - beta1)
+    _second_moment_(ops, exp_avg_sq, grad, beta2)
 
 
 def _rms_terms_(ops: Any, grad: Any, exp_avg_sq: Any, eps_sq: float | Tensor) -> None:
@@ -230,38 +235,6 @@ def _rms_terms_(ops: Any, grad: Any, exp_avg_sq: Any, eps_sq: float | Tensor) ->
     """
     ops.mul_tensor_(grad, grad)
     ops.div_tensor_(grad, ops.clamp_min(exp_avg_sq, eps_sq))
-
-
-def _clipped_step_(
-    ops: Any,
-    param: Any,
-    grad: Any,
-    exp_avg: Any,
-    exp_avg_sq: Any,
-    neg_lr: float | Tensor,
-    keep: float | Tensor,
-    neg_decay: float | Tensor,
-    kahan_comp: Any,
-    eps: float | Tensor,
-    has_decay: bool,
-) -> None:
-    """``p <- p (1 - eta lambda) - eta m / (sqrt(v) + eps)`` with this tensor's clipped lr ``eta``.
-
-    ``neg_lr = -eta``, ``keep = 1 - decay`` and ``neg_decay = -decay``; the gradient is dead.
-    """
-    denom = ops.scratch(grad)
-    ops.sqrt_into_(denom, exp_avg_sq)
-    ops.add_scalar_(denom, eps)
-
-    target = update_target(param, kahan_comp)
-    if has_decay:
-        if kahan_comp is None:
-            ops.mul_(param, keep)
-        else:
-            # the decay of a bf16 weight is mostly below its ulp: sum it with the update
-            ops.add_(kahan_comp, param, alpha=neg_decay)
-    ops.addcdiv_(target, exp_avg, denom, value=neg_lr)
-    finish_update_(ops, param, kahan_comp, denom)
 
 
 def _stableadamw_moments(
@@ -277,29 +250,10 @@ def _stableadamw_moments(
     eps_sq: float | Tensor,
     accumulate: bool,
 ) -> None:
-    """First pass (for-loop, foreach): update the (debiased) moments, leave the RMS terms in the gradient buffer."""
-    ops.lerp_(exp_avg, grad, 1 - beta1)
-    _second_moment_(ops, exp_avg_sq, grad, beta2)
+    """First pass (for-loop, foreach): update the moments, leave the RMS terms in the gradient buffer."""
+    _moments_(ops, grad, exp_avg, exp_avg_sq, beta1, beta2)
     if not accumulate:
         _rms_terms_(ops, grad, exp_avg_sq, eps_sq)
-
-
-def _stableadamw_step(
-    ops: Any,
-    param: Any,
-    grad: Any,
-    exp_avg: Any,
-    exp_avg_sq: Any,
-    neg_lr: float | list[float],
-    keep: float | list[float],
-    neg_decay: float | list[float],
-    kahan_comp: Any,
-    *,
-    eps: float | Tensor,
-    has_decay: bool,
-) -> None:
-    """Second pass (for-loop, foreach): the clipped step, the moments already updated."""
-    _clipped_step_(ops, param, grad, exp_avg, exp_avg_sq, neg_lr, keep, neg_decay, kahan_comp, eps, has_decay)
 
 
 def _stableadamw_rms_sums(
@@ -326,23 +280,41 @@ def _stableadamw_rms_sums(
     ops.sum_into_(rms_sum, terms)
 
 
-def _stableadamw_update(
+def _stableadamw_step(
     ops: Any,
     param: Any,
     grad: Any,
     exp_avg: Any,
     exp_avg_sq: Any,
-    neg_lr: float | Tensor,
-    keep: float | Tensor,
-    neg_decay: float | Tensor,
+    neg_lr: float | list[float],
+    keep: float | list[float],
+    neg_decay: float | list[float],
     kahan_comp: Any,
     *,
-    beta1: float | Tensor,
-    beta2: float | Tensor,
     eps: float | Tensor,
     has_decay: bool,
+    beta1: float | Tensor | None = None,
+    beta2: float | Tensor | None = None,
 ) -> None:
-    """Second pass (fused): the moments and the clipped step in one pass over memory."""
-    ops.lerp_(exp_avg, grad, 1 - beta1)
-    _second_moment_(ops, exp_avg_sq, grad, beta2)
-    _clipped_step_(ops, param, grad, exp_avg, exp_avg_sq, neg_lr, keep, neg_decay, kahan_comp, eps, has_decay)
+    """Second pass: ``p <- p (1 - eta lambda) - eta m / (sqrt(v) + eps)`` with this tensor's clipped lr ``eta``.
+
+    ``neg_lr = -eta``, ``keep = 1 - decay`` and ``neg_decay = -decay`` are per tensor. Given the
+    betas (the fused order), the moments are updated first, in the same pass; without them (the
+    for-loop and foreach order) the first pass already updated them.
+    """
+    if beta1 is not None and beta2 is not None:
+        _moments_(ops, grad, exp_avg, exp_avg_sq, beta1, beta2)
+    # the gradient is dead from here on: build the denominator in its buffer
+    denom = ops.scratch(grad)
+    ops.sqrt_into_(denom, exp_avg_sq)
+    ops.add_scalar_(denom, eps)
+
+    target = update_target(param, kahan_comp)
+    if has_decay:
+        if kahan_comp is None:
+            ops.mul_(param, keep)
+        else:
+            # the decay of a bf16 weight is mostly below its ulp: sum it with the update
+            ops.add_(kahan_comp, param, alpha=neg_decay)
+    ops.addcdiv_(target, exp_avg, denom, value=neg_lr)
+    finish_update_(ops, param, kahan_comp, denom)
