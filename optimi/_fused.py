@@ -97,20 +97,38 @@ shards) never enters a graph. A callable passed among a rule's scalars would be 
 
 from __future__ import annotations
 
-import contextlib
-import inspect
+import logging
+import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from optimi._cpp_hoist import hoist_invariant_scalars
-from optimi._kernels import TENSOR_OPS, TensorOps
+from optimi._kernels import FALLBACK_BACKEND, FOREACH_OPS, TENSOR_OPS, TensorOps, bucket_by_device_dtype
+from optimi._torch_internals import (
+    SCALARS,
+    TRICKS,
+    compile_capturing_graphs,
+    compile_isolation_options,
+    enabled,
+    hoisting_cpp_kernels,
+    inductor_fma,
+    note_engaged,
+    precision_cast_options,
+    switch_off,
+)
 
-__all__ = ["FusedOps", "run_fused", "compiled_configurations"]
+__all__ = [
+    "FusedCompileError",
+    "FusedOps",
+    "compiled_configurations",
+    "fallen_back_configurations",
+    "run_fused",
+]
 
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -129,14 +147,9 @@ def _scalar(value: float | Tensor, like: Tensor) -> float | Tensor:
     return value.to(_opmath(like).dtype) if isinstance(value, Tensor) else value
 
 
-try:  # one rounding for a * b + c, as eager CPU and CUDA kernels compute add-with-alpha
-    from torch._inductor.inductor_prims import fma as _fma_prim
-except ImportError:  # pragma: no cover - older torch: two roundings, off by an ulp now and then
-    _fma_prim = None
-
-
-def _fma(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
-    return a * b + c if _fma_prim is None else _fma_prim(a, b, c)
+def _fma(fma: Callable[..., Tensor] | None, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    """``a * b + c``, rounded once where Inductor's ``fma`` prim is available (``inductor_fma``)."""
+    return a * b + c if fma is None else fma(a, b, c)
 
 
 #: Veltkamp's splitting constants 2**(24 - p) + 1: rounding a float32 to p significant bits
@@ -172,9 +185,15 @@ class FusedOps(TensorOps):
     ([Note: the fused backend leaves gradients intact]).
     """
 
-    def __init__(self, round_stores: bool, splits: dict[torch.dtype, float | Tensor]):
+    def __init__(
+        self,
+        round_stores: bool,
+        splits: dict[torch.dtype, float | Tensor],
+        fma: Callable[..., Tensor] | None = None,
+    ):
         self.round_stores = round_stores
         self.splits = splits
+        self.fma = fma
 
     def dtype_of(self, x: Tensor) -> torch.dtype:
         """The dtype ``x`` stands for: its own here, bf16 for a half of a packed column."""
@@ -202,7 +221,7 @@ class FusedOps(TensorOps):
             # eager's CPU kernel rounds alpha to the tensor's dtype for bf16/fp16 ...
             return self._store(x, _opmath(x) + _opmath(y) * alpha.to(dtype).float())
         # ... and computes x + alpha * y as one fused multiply-add otherwise
-        return self._store(x, _fma(_opmath(y), alpha, _opmath(x)))
+        return self._store(x, _fma(self.fma, _opmath(y), alpha, _opmath(x)))
 
     def add_scalar_(self, x: Tensor, value: float | Tensor) -> Tensor:
         return self._store(x, _opmath(x) + _scalar(value, x))
@@ -259,8 +278,13 @@ class PackedOps(FusedOps):
     recorded in ``written``, so that only those are packed and stored back.
     """
 
-    def __init__(self, exact: Sequence[Tensor], splits: dict[torch.dtype, float | Tensor]):
-        super().__init__(round_stores=True, splits=splits)
+    def __init__(
+        self,
+        exact: Sequence[Tensor],
+        splits: dict[torch.dtype, float | Tensor],
+        fma: Callable[..., Tensor] | None = None,
+    ):
+        super().__init__(round_stores=True, splits=splits, fma=fma)
         self.exact = tuple(exact)
         self.written: list[Tensor] = []
 
@@ -285,25 +309,31 @@ def _pack(even: Tensor, odd: Tensor) -> Tensor:
     return ((even.view(torch.int32) >> 16) & 0xFFFF) | (odd.view(torch.int32) & _HIGH_HALF)
 
 
-#: run CPU bf16 rows as int32 pairs ([Note: packed bf16 columns]); tests and benchmarks switch it
-#: off to compare with the plain fused kernel, which gives the same bits more slowly
-PACK_BF16_PAIRS = True
-
-#: evaluate the CPU kernels' hyperparameter arithmetic once per call instead of once per vector
-#: ([Note: hoisting the hyperparameters] in _cpp_hoist.py); tests switch it off to compare bits
-HOIST_SCALARS = True
-
-#: call a configuration's compiled graph without Dynamo once it is compiled ([Note: calling the
-#: compiled graph directly]); tests switch it off to compare with Dynamo's own dispatch
-CALL_GRAPHS_DIRECTLY = True
-
-# (packed, update, device type, dtypes and None pattern, static switches, scalar names, hoisted
-# scalars) -> compiled step
+# (packed, update, device type, dtypes and None pattern, static switches, scalar names, tricks on)
+# -> compiled step
 _COMPILED: dict[tuple, _CompiledStep] = {}
 # configurations whose packed kernel failed to compile: they run the plain kernel
 _PACKING_FAILED: set[tuple] = set()
+# configurations whose compile failed where the optimizer chose the fused backend itself -> the
+# backend that steps them instead ([Note: falling back from the fused backend])
+_FELL_BACK: dict[tuple, str] = {}
 
-_COMPILE_HAS_ISOLATION = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+_log = logging.getLogger("optimi")
+
+
+class FusedCompileError(RuntimeError):
+    """Compiling a fused step failed where the fused backend was asked for explicitly.
+
+    [Note: falling back from the fused backend]
+    ``torch.compile`` can fail on a user's machine: no working C++ compiler, an Inductor error on
+    a torch release the rule was not tested on, a dtype a lowering does not support. A compile
+    fails before the step writes anything, so nothing is lost. Where the optimizer chose the fused
+    backend itself (``fused=None``), that configuration falls back to the backend ``None`` flags
+    pick without a compiler (the for-loop on CPU, foreach on CUDA) with one ``RuntimeWarning``
+    naming the cause, and later steps of the configuration go there at once, never compiling
+    again. An explicit ``fused=True`` (or ``triton=True``, or a functional call with
+    ``backend="fused"``) raises this error instead, naming the torch version and the cause.
+    """
 
 
 def compiled_configurations() -> int:
@@ -311,9 +341,18 @@ def compiled_configurations() -> int:
     return len(_COMPILED)
 
 
+def fallen_back_configurations() -> dict[tuple, str]:
+    """Configurations whose compile failed, and the backend that steps them instead (tests, docs)."""
+    return dict(_FELL_BACK)
+
+
 def _is_static(value: Any) -> bool:
     """Values that select the structure of the update and are baked into the compiled code."""
     return value is None or isinstance(value, (bool, str))
+
+
+class _PackedCheckFailed(Exception):
+    """A packed kernel disagreed with its rule run eagerly ([Note: private torch internals])."""
 
 
 class _CompiledStep:
@@ -331,188 +370,177 @@ class _CompiledStep:
     call it directly. Where the capture does not describe the whole call (a graph break, a
     callable switch that runs eagerly, an input Dynamo derived in a way not recognised here) or
     a call falls outside what the graph was compiled for (another device, a length Dynamo
-    specializes: below 2), the call goes through Dynamo as before.
+    specializes: below 2), the call goes through Dynamo as before. The capture is private torch
+    internals (the ``direct_calls`` trick, [Note: private torch internals]): before the first
+    direct call, the graph called directly must write Dynamo's bits on a small scratch row.
     """
 
-    def __init__(self, step: Callable[..., None], inductor_options: dict[str, Any], may_call_directly: bool):
+    def __init__(
+        self,
+        step: Callable[..., None],
+        inductor_options: dict[str, Any],
+        may_call_directly: bool,
+        label: str,
+        packed: bool,
+    ):
+        self.python_step = step
         self.inductor_options = inductor_options
-        self.may_call_directly = may_call_directly
+        self.label = label
+        self.packed = packed
+        self.capture = may_call_directly and enabled("direct_calls")
         # (how to build its inputs, how to call it with them; both None where it cannot be called
         # directly) per graph Dynamo compiled
         self.graphs: list[tuple[list[tuple[int, bool]] | None, Callable[[list], Any] | None]] = []
         self.direct: tuple[Callable[[list], Any], list[tuple[int, bool]], torch.device] | None = None
         self.dynamo_calls = 0
         self.hoisted_statements = 0  # over the C++ kernels this step compiled (tests, docs)
-        options = dict(isolate_recompiles=True) if _COMPILE_HAS_ISOLATION else {}
-        self.dynamo_step = torch.compile(step, dynamic=True, backend=self._compile, **options)
+        self.compile_seconds = 0.0
+        isolation = compile_isolation_options()
+        if self.capture:
+            self.dynamo_step = torch.compile(step, dynamic=True, backend=self._compile, **isolation)
+        else:  # the public path: what any user of torch.compile gets
+            self.dynamo_step = torch.compile(
+                step, dynamic=True, backend="inductor", options=inductor_options, **isolation
+            )
 
     def _compile(self, graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
-        from torch._functorch import config as _functorch_config
-        from torch._inductor.compile_fx import compile_fx, compile_fx_inner
-
-        plan = _argument_plan(graph)  # read before Inductor lowers the graph
-        lowered: list[tuple[torch.fx.GraphModule, Callable[[list], Any]]] = []
-
-        def compile_inner(inner_graph: torch.fx.GraphModule, *args: Any, **kwargs: Any) -> Any:
-            output_code = compile_fx_inner(inner_graph, *args, **kwargs)
-            lowered.append((inner_graph, output_code))
-            return output_code
-
-        # AOTAutograd's cache would return a wrapped graph without calling compile_inner (Inductor's
-        # own FX graph cache still spares the C++ compile)
-        with _functorch_config.patch(enable_autograd_cache=False), self._hoisting_scalars():
-            compiled = compile_fx(
-                graph, example_inputs, inner_compile=compile_inner, config_patches=self.inductor_options
-            )
-        call = None if plan is None else _bare_graph_call(graph, lowered)
-        if call is None and plan is not None:
-            call = lambda arguments: compiled(*arguments)  # noqa: E731 - AOTAutograd's wrappers kept
+        compiled, plan, call = compile_capturing_graphs(graph, example_inputs, self.inductor_options)
         self.graphs.append((plan, call))
         return compiled
 
-    @contextlib.contextmanager
-    def _hoisting_scalars(self) -> Iterator[None]:
-        """While compiling, rewrite each C++ kernel before it is built (see ``_cpp_hoist``).
+    def _count_hoisted(self, moved: int) -> None:
+        self.hoisted_statements += moved
 
-        Inductor hands every CPU kernel's source to ``AsyncCompile.cpp_pybinding``, also when it
-        loads a graph from its FX graph cache, so the rewrite applies to both. The class attribute
-        is swapped back on exit; a kernel another thread compiles meanwhile is rewritten too,
-        which changes its speed, never its results. A rewritten kernel is built at once rather
-        than in Inductor's worker pool, so that should a compiler reject it, the kernel as
-        generated is built instead (with a warning) and the step still runs.
-        """
-        try:
-            from torch._inductor.async_compile import AsyncCompile
-        except ImportError:  # pragma: no cover - a torch that moved it: kernels stay as generated
-            yield
-            return
-        build = AsyncCompile.cpp_pybinding
-        if not HOIST_SCALARS or not callable(build):
-            yield
-            return
-
-        # the parameter names are Inductor's, so that a call by keyword still works
-        def build_hoisted(compiler: Any, argtypes: list[str], source_code: str) -> Any:
-            rewritten, moved = hoist_invariant_scalars(source_code)
-            if not moved:
-                return build(compiler, argtypes, source_code)
-            try:
-                kernel = build(compiler, argtypes, rewritten)
-                kernel = kernel.result() if hasattr(kernel, "result") else kernel  # a pool's future
-            except Exception as error:  # any compiler's complaint: the generated source still builds
-                warnings.warn(
-                    f"optimi: a CPU kernel with its scalars hoisted failed to build ({type(error).__name__}: "
-                    f"{error}); using the kernel as Inductor generated it (same results, slower)",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                return build(compiler, argtypes, source_code)
-            self.hoisted_statements += moved
-            return kernel
-
-        AsyncCompile.cpp_pybinding = build_hoisted
-        try:
-            yield
-        finally:
-            AsyncCompile.cpp_pybinding = build
+    def _through_dynamo(self, packed_scalars: Tensor, columns: Sequence[Tensor | None]) -> None:
+        # a recompile (a new length Dynamo specializes) may happen on any call through Dynamo
+        with hoisting_cpp_kernels(hoist_invariant_scalars, self._count_hoisted):
+            self.dynamo_step(packed_scalars, *columns)
 
     def direct_call(
         self, packed_scalars: Tensor, columns: Sequence[Tensor | None]
     ) -> tuple[Callable[[list], Any], list] | None:
         """The compiled graph and its inputs for this call, where it may skip Dynamo; else ``None``."""
-        if self.direct is None or not CALL_GRAPHS_DIRECTLY:
+        if self.direct is None:
             return None
         compiled, plan, device = self.direct
         # every column is as long as the parameter (Inductor's wrapper asserts each length)
-        if columns[0].shape[0] < 2 or packed_scalars.device != device:
+        if columns[0].shape[0] < 2 or packed_scalars.device != device or not enabled("direct_calls"):
             return None
-        inputs = [packed_scalars if index == _SCALARS else columns[index] for index, _ in plan]
-        return compiled, [value.shape[0] if is_length else value for value, (_, is_length) in zip(inputs, plan)]
+        return compiled, _graph_inputs(plan, packed_scalars, columns)
 
     def __call__(self, packed_scalars: Tensor, *columns: Tensor | None) -> None:
         call = self.direct_call(packed_scalars, columns)
         if call is not None:
             call[0](call[1])
             return
-        graphs_before = len(self.graphs)
-        self.dynamo_step(packed_scalars, *columns)
+        if self.dynamo_calls == 0:
+            self._first_call(packed_scalars, columns)
+        else:
+            self._through_dynamo(packed_scalars, columns)
         self.dynamo_calls += 1
-        if self.dynamo_calls == 1 and self.may_call_directly and len(self.graphs) == graphs_before + 1:
-            plan, call = self.graphs[-1]
-            if call is not None and columns[0].shape[0] >= 2:
-                # past its first call, Inductor's own entry point: the output code's __call__ only
-                # adds the bookkeeping of autotuning caches and runtime metrics
-                call = getattr(call, "current_callable", None) or call
-                self.direct = (call, plan, packed_scalars.device)
+
+    def _first_call(self, packed_scalars: Tensor, columns: Sequence[Tensor | None]) -> None:
+        """Compile (logged, timed), check the tricks that need checking, then run the real row.
+
+        A failure to compile raises :class:`FusedCompileError` before any real tensor is written.
+        """
+        _log.info("optimi: compiling the fused %s step (once per configuration; takes seconds)", self.label)
+        start = time.perf_counter()
+        try:
+            if self.packed:  # compile on a scratch row first: the real row is written only if it agrees
+                self._check_packed(packed_scalars, columns)
+            self._through_dynamo(packed_scalars, columns)
+        except _PackedCheckFailed:
+            raise
+        except Exception as error:  # any compiler's failure, reported with its cause
+            raise FusedCompileError(
+                f"optimi: compiling the fused {self.label} step failed on torch {torch.__version__} "
+                f"({type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''})"
+            ) from error
+        self.compile_seconds = time.perf_counter() - start
+        _log.info("optimi: compiled the fused %s step in %.1f s", self.label, self.compile_seconds)
+        if self.capture and len(self.graphs) == 1 and columns[0].shape[0] >= 2:
+            plan, call = self.graphs[0]
+            if call is not None and plan is not None:
+                self._check_direct(call, plan, packed_scalars, columns)
+
+    def _check_direct(
+        self,
+        call: Callable[[list], Any],
+        plan: list[tuple[int, bool]],
+        packed_scalars: Tensor,
+        columns: Sequence[Tensor | None],
+    ) -> None:
+        """Enable direct calls once the captured graph writes Dynamo's bits on a scratch row."""
+        through_dynamo, direct = _scratch_row(columns, self.packed), _scratch_row(columns, self.packed)
+        self._through_dynamo(packed_scalars, through_dynamo)
+        call(_graph_inputs(plan, packed_scalars, direct))
+        pairs = enumerate(zip(through_dynamo, direct))
+        differing = [i for i, (a, b) in pairs if a is not None and not _same_bits(a, b)]
+        if differing:
+            switch_off("direct_calls", f"the {self.label} graph called directly wrote other bits into {differing}")
+            return
+        self.direct = (call, plan, packed_scalars.device)
+        note_engaged("direct_calls")
+
+    def _check_packed(self, packed_scalars: Tensor, columns: Sequence[Tensor | None]) -> None:
+        """Compile the packed kernel on a scratch row and compare it with the same rule run eagerly.
+
+        The two compute the same float32 operations, so their bf16 results agree to the bit on
+        nearly every element; a column the kernel failed to store, or a misread half, would not.
+        """
+        compiled, eager = _scratch_row(columns, packed=True), _scratch_row(columns, packed=True)
+        self._through_dynamo(packed_scalars, compiled)
+        self.python_step(packed_scalars, *eager)
+        for index, (a, b) in enumerate(zip(compiled, eager)):
+            if a is None or index == 1:  # the gradient is the rule's scratch space, never stored
+                continue
+            a16, b16 = a.view(torch.int16).int(), b.view(torch.int16).int()
+            same_sign = (a16 < 0) == (b16 < 0)
+            ulps = torch.where(same_sign, (a16 - b16).abs(), torch.full_like(a16, 1 << 16))
+            identical = (ulps == 0).float().mean().item()
+            if ulps.max().item() > 2 or identical < 0.9:
+                reason = f"column {index}: {identical:.0%} bit-identical, up to {ulps.max().item()} bf16 ulps apart"
+                switch_off("packed_pairs", f"the packed {self.label} kernel disagreed with its eager rule, {reason}")
+                raise _PackedCheckFailed(reason)
+        note_engaged("packed_pairs")
 
 
-def _bare_graph_call(
-    graph: torch.fx.GraphModule, lowered: list[tuple[torch.fx.GraphModule, Callable[[list], Any]]]
-) -> Callable[[list], Any] | None:
-    """Inductor's own compiled graph, where AOTAutograd's wrappers around it would do nothing.
+def _graph_inputs(plan: list[tuple[int, bool]], packed_scalars: Tensor, columns: Sequence[Tensor | None]) -> list:
+    """A captured graph's inputs for one call: tensors, and the lengths Dynamo lifted as inputs."""
+    inputs = [packed_scalars if index == SCALARS else columns[index] for index, _ in plan]
+    return [value.shape[0] if is_length else value for value, (_, is_length) in zip(inputs, plan)]
 
-    The wrappers matter where AOTAutograd changed the inputs (deduplicated aliases, lifted
-    parameters) or moved work out of the graph (outputs to return, input mutations replayed after
-    it). The fused step returns nothing and mutates only its own distinct, flat inputs, which the
-    graph itself writes; one lowered graph with Dynamo's inputs and no outputs shows that.
+
+#: length of the scratch rows the self-checks run on (in words for packed rows); at least 2, which
+#: Dynamo does not specialize, so the configuration's graph serves them
+_SCRATCH_LENGTH = 64
+
+
+def _scratch_row(columns: Sequence[Tensor | None], packed: bool) -> list[Tensor | None]:
+    """Fresh tensors shaped and typed like a row's flat columns, with the same values on every call.
+
+    Columns as long as the parameter get :data:`_SCRATCH_LENGTH` elements, others (a sum the rule
+    writes) keep their length. Values lie in [0.5, 1.5): every rule's states stay finite.
     """
-    if len(lowered) != 1:
-        return None
-    inner_graph, output_code = lowered[0]
-    placeholders = [node for node in graph.graph.nodes if node.op == "placeholder"]
-    inner_placeholders = [node for node in inner_graph.graph.nodes if node.op == "placeholder"]
-    outputs = [node for node in inner_graph.graph.nodes if node.op == "output"]
-    if len(inner_placeholders) != len(placeholders) or len(outputs) != 1 or tuple(outputs[0].args[0]) != ():
-        return None
-    return output_code
-
-
-#: in an argument plan, the position of the packed scalars (columns count from 0)
-_SCALARS = -1
-
-
-def _argument_plan(graph: torch.fx.GraphModule) -> list[tuple[int, bool]] | None:
-    """How to build each input of a Dynamo graph of ``step(packed_scalars, *columns)``.
-
-    Dynamo records in each placeholder the source of its value: the packed scalars, a column, or
-    the length of one of them (a symbolic size). Each input becomes ``(column or _SCALARS, is its
-    length)``; ``None`` where any other source appears.
-    """
-    try:
-        from torch._dynamo.source import GetItemSource, LocalSource, TensorProperty, TensorPropertySource
-    except ImportError:  # pragma: no cover - a torch that moved Dynamo's sources
-        return None
-
-    def position(source: Any) -> int | None:
-        if isinstance(source, LocalSource) and source.local_name == "packed_scalars":
-            return _SCALARS
-        if (
-            isinstance(source, GetItemSource)
-            and isinstance(source.base, LocalSource)
-            and source.base.local_name == "columns"
-            and isinstance(source.index, int)
-        ):
-            return source.index
-        return None
-
-    plan = []
-    for node in graph.graph.nodes:
-        if node.op != "placeholder":
+    generator = torch.Generator().manual_seed(0)
+    length = columns[0].shape[0]
+    row: list[Tensor | None] = []
+    for column in columns:
+        if column is None:
+            row.append(None)
             continue
-        graph_argument = node.meta.get("grapharg")
-        if graph_argument is None or getattr(graph_argument, "pass_arg_as_tensor", False):
-            return None
-        source = graph_argument.source
-        is_length = isinstance(source, TensorPropertySource)
-        if is_length:
-            if source.prop != TensorProperty.SIZE or source.idx != 0:
-                return None
-            source = source.base
-        index = position(source)
-        if index is None:
-            return None
-        plan.append((index, is_length))
-    return plan
+        size = _SCRATCH_LENGTH if column.shape[0] == length else column.shape[0]
+        if packed and column.dtype == torch.int32:
+            values = (torch.rand(2 * size, generator=generator) + 0.5).to(torch.bfloat16).view(torch.int32)
+        else:
+            values = (torch.rand(size, generator=generator, dtype=torch.float64) + 0.5).to(column.dtype)
+        row.append(values.to(column.device))
+    return row
+
+
+def _same_bits(a: Tensor, b: Tensor) -> bool:
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
 def _make_step(
@@ -522,6 +550,7 @@ def _make_step(
     number_columns: tuple[int, ...],
     device_type: str,
     packed: bool,
+    label: str,
 ) -> _CompiledStep:
     """Compile ``update`` for one configuration: ``step(packed_scalars, *flat_tensors)``.
 
@@ -532,6 +561,7 @@ def _make_step(
     """
     round_stores = device_type == "cpu"
     kahan_in_float32 = device_type == "cpu"
+    fma = inductor_fma()
     eager = {name: torch._dynamo.disable(fn) for name, fn in static.items() if callable(fn)}
     static = {**static, **eager}
 
@@ -548,7 +578,7 @@ def _make_step(
 
     def fused_step(packed_scalars: Tensor, *columns: Tensor | None) -> None:
         args, scalars = arguments(packed_scalars, columns)
-        ops = FusedOps(round_stores, splits_in(packed_scalars))
+        ops = FusedOps(round_stores, splits_in(packed_scalars), fma)
         # a private float32 copy of the gradient: the rule's temporaries live there unrounded and
         # the kernel never stores it ([Note: fused numerics])
         args[1] = args[1].float() if args[1].dtype in _LOW_PRECISION else args[1].clone()
@@ -573,7 +603,7 @@ def _make_step(
             # the gradient half is already a private float32 copy ([Note: fused numerics])
             exact = [half_args[-1]] if isinstance(comp, Tensor) else []
             exact.append(half_args[1])
-            half_ops = PackedOps(exact, splits)
+            half_ops = PackedOps(exact, splits, fma)
             update(half_ops, *half_args, **scalars, **static)
             written.append(half_ops.written)
         for i, (even, odd) in enumerate(halves):
@@ -587,13 +617,19 @@ def _make_step(
             args[i].copy_(_pack(even, odd))
 
     step = packed_step if packed else fused_step
-    if not _COMPILE_HAS_ISOLATION:
+    if not compile_isolation_options():
         # older torch: a private code object gives this configuration its own recompile budget
         step.__code__ = step.__code__.replace()
     # CUDA: bf16 tensors round where eager rounds through Inductor's casts ([Note: fused numerics])
-    options = {"emulate_precision_casts": not round_stores}
+    options = precision_cast_options(emulate=not round_stores)
     # a callable switch runs eagerly between graphs: only Dynamo's dispatch calls it
-    return _CompiledStep(step, options, may_call_directly=not eager)
+    return _CompiledStep(step, options, may_call_directly=not eager, label=label, packed=packed)
+
+
+def _label(update: Callable[..., None], device_type: str, dtypes: Sequence[Any], packed: bool) -> str:
+    """How logs and errors name a configuration, e.g. ``_adam_update (cpu, bfloat16, packed)``."""
+    dtype = next((str(d).removeprefix("torch.") for d in dtypes if isinstance(d, torch.dtype)), "?")
+    return f"{update.__name__} ({device_type}, {dtype}{', packed' if packed else ''})"
 
 
 def run_fused(
@@ -606,22 +642,25 @@ def run_fused(
     ``tensor_lists`` are parallel lists (parameters first, Kahan buffers last, ``None`` for an
     absent optional tensor, or a column of numbers: one scalar per tensor); ``scalars`` are the
     update's keyword arguments. Numbers (and 0-d tensors) become runtime inputs,
-    ``bool``/``None``/``str``/callables are compile-time switches, and a list or tuple holds one
-    number per tensor.
+    ``bool``/``None``/``str``/callables are compile-time switches.
+
+    A configuration that fails to compile falls back to :data:`FALLBACK_BACKEND` where one is set
+    and raises :class:`FusedCompileError` otherwise ([Note: falling back from the fused backend]).
     """
     static = {k: v for k, v in scalars.items() if _is_static(v) or callable(v)}
-    per_tensor = {k: v for k, v in scalars.items() if isinstance(v, (list, tuple))}
-    numbers = {k: v for k, v in scalars.items() if k not in static and k not in per_tensor}
-    names = tuple(numbers) + tuple(per_tensor)
+    numbers = {k: v for k, v in scalars.items() if k not in static}
+    names = tuple(numbers)
     static_key = tuple(sorted((k, v if _is_static(v) else id(v)) for k, v in static.items()))
     shared = [_as_float(v) for v in numbers.values()]
     packed_on: dict[torch.device, Tensor] = {}
+    tricks = tuple(enabled(name) for name in TRICKS)
+    pack_pairs = tricks[_PACKED_PAIRS]
 
-    scalars = {k: v for k, v in scalars.items() if k not in per_tensor}
     # rows whose compiled graph is called directly run last, one after the other: the Python
     # between two kernels runs on caches the previous kernel flushed ([Note: calling the compiled
     # graph directly])
     direct_calls: list[tuple[Callable[[list], Any], list]] = []
+    fallen_back: dict[str, list[int]] = {}  # backend -> rows it steps
     for index, row in enumerate(zip(*tensor_lists)):
         param = row[0]
         if param.numel() == 0:
@@ -630,7 +669,7 @@ def run_fused(
         # graph directly] on why per-call Python matters)
         dtypes: list[Any] = []
         number_columns: list[int] = []
-        contiguous, packable = True, PACK_BF16_PAIRS
+        contiguous, packable = True, pack_pairs
         for column, t in enumerate(row):
             if isinstance(t, Tensor):
                 dtypes.append(t.dtype)
@@ -643,19 +682,22 @@ def run_fused(
                 number_columns.append(column)
         if not contiguous:
             # a strided layout cannot be flattened to a view: run the same rule eagerly
-            update(TENSOR_OPS, *row, **scalars, **{k: v[index] for k, v in per_tensor.items()})
+            update(TENSOR_OPS, *row, **scalars)
             continue
         device = param.device
-        config = (update, device.type, tuple(dtypes), static_key, names, HOIST_SCALARS)
+        config = (update, device.type, tuple(dtypes), static_key, names, tricks)
+        fallback = _FELL_BACK.get(config)
+        if fallback is not None:
+            fallen_back.setdefault(fallback, []).append(index)
+            continue
         packed = packable and device.type == "cpu" and config not in _PACKING_FAILED
         key = (packed, *config)
         step = _COMPILED.get(key)
         if step is None:
-            step = _COMPILED[key] = _make_step(update, names, static, tuple(number_columns), device.type, packed)
-        if per_tensor or number_columns:
-            values = shared + [_as_float(v[index]) for v in per_tensor.values()]
-            values += [_as_float(row[i]) for i in number_columns]
-            scalars_tensor = _pack_scalars(values, device)
+            label = _label(update, device.type, dtypes, packed)
+            step = _COMPILED[key] = _make_step(update, names, static, tuple(number_columns), device.type, packed, label)
+        if number_columns:
+            scalars_tensor = _pack_scalars(shared + [_as_float(row[i]) for i in number_columns], device)
         else:
             scalars_tensor = packed_on.get(device)
             if scalars_tensor is None:
@@ -664,44 +706,84 @@ def run_fused(
         call = step.direct_call(scalars_tensor, columns)
         if call is not None:
             direct_calls.append(call)
-        elif packed:
-            plain = (update, names, static, tuple(number_columns), device.type, False)
-            _run_packed(step, key, scalars_tensor, columns, row, plain)
-        else:
-            step(scalars_tensor, *columns)
+            continue
+        try:
+            if packed:
+                plain = (update, names, static, tuple(number_columns), device.type, False)
+                _run_packed(step, key, scalars_tensor, row, plain, _label(update, device.type, dtypes, False))
+            else:
+                step(scalars_tensor, *columns)
+        except FusedCompileError as error:
+            backend = FALLBACK_BACKEND.get()
+            if backend is None:
+                raise FusedCompileError(
+                    f"{error}. The fused backend was asked for explicitly (fused=True or triton=True); "
+                    "leave fused=None to fall back to the for-loop/foreach backend, or pass fused=False"
+                ) from error.__cause__
+            _FELL_BACK[config] = backend
+            warnings.warn(
+                f"{error}; this configuration now runs the {backend} backend (same math, slower)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            fallen_back.setdefault(backend, []).append(index)
     for call_graph, arguments in direct_calls:
         call_graph(arguments)
+    for backend, rows in fallen_back.items():
+        _run_eagerly(update, backend, [[tensors[i] for i in rows] for tensors in tensor_lists], scalars)
+
+
+#: position of ``packed_pairs`` in :data:`TRICKS` (the tuple of switches in a configuration's key)
+_PACKED_PAIRS = list(TRICKS).index("packed_pairs")
+
+
+def _run_eagerly(update: Callable[..., None], backend: str, tensor_lists: list[list[Any]], scalars: dict) -> None:
+    """Step rows with the backend a failed configuration fell back to (``for_loop`` or ``foreach``)."""
+    if backend == "foreach":
+        for bucket in bucket_by_device_dtype(tensor_lists):
+            update(FOREACH_OPS, *bucket, **scalars)
+    else:
+        for row in zip(*tensor_lists):
+            update(TENSOR_OPS, *row, **scalars)
 
 
 def _run_packed(
     step: _CompiledStep,
     key: tuple,
     scalars: Tensor,
-    columns: list[Tensor | None],
     row: Sequence[Any],
     plain_args: tuple,
+    plain_label: str,
 ) -> None:
-    """Run a packed configuration; where this torch cannot compile it, switch to the plain kernel.
+    """Run a packed configuration; where it cannot be compiled or checked, switch to the plain kernel.
 
-    The packed kernel relies on Inductor lowering int32/float32 bitcasts and shifts, which older
-    releases may not; such a failure surfaces while compiling, before any tensor is written. Any
-    other error the row raises again from the plain kernel.
+    The packed kernel relies on Inductor lowering int32/float32 bitcasts and shifts, which another
+    release may not do, or do differently. A failure to compile surfaces before any tensor is
+    written, and so does a failed self-check (it runs on a scratch row); the plain kernel then
+    computes the same bits. Should the plain kernel fail to compile too, its
+    :class:`FusedCompileError` propagates.
     """
     try:
-        step(scalars, *columns)
-    except Exception as error:  # any compiler's failure: the plain kernel computes the same bits
+        step(scalars, *[_flat(t, True) if isinstance(t, Tensor) else None for t in row])
+        return
+    except FusedCompileError as error:
+        packed_error: FusedCompileError | None = error
+    except _PackedCheckFailed:
+        packed_error = None  # switch_off has warned once for the process
+    config = key[1:]
+    _PACKING_FAILED.add(config)
+    plain = _COMPILED.get((False, *config))
+    if plain is None:
+        plain = _COMPILED[(False, *config)] = _make_step(*plain_args, plain_label)
+    # where the compiler fails altogether this raises too, and the caller's fallback warns once
+    plain(scalars, *[_flat(t) if isinstance(t, Tensor) else None for t in row])
+    if packed_error is not None:
         warnings.warn(
-            f"optimi: the packed bf16 fused kernel failed to compile ({type(error).__name__}: {error}); "
-            "using the plain fused kernel for this configuration (same results, slower on CPU)",
+            f"optimi: the packed bf16 fused kernel failed to compile ({packed_error}); using the plain fused "
+            "kernel for this configuration (same results, slower on CPU)",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
-        config = key[1:]
-        _PACKING_FAILED.add(config)
-        plain = _COMPILED.get((False, *config))
-        if plain is None:
-            plain = _COMPILED[(False, *config)] = _make_step(*plain_args)
-        plain(scalars, *[_flat(t) if isinstance(t, Tensor) else None for t in row])
 
 
 def _pairs_fit(tensor: Tensor) -> bool:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -51,7 +52,14 @@ __all__ = [
     "bucket_by_device_dtype",
     "run_update",
     "sum_dtype",
+    "FALLBACK_BACKEND",
 ]
+
+#: the backend that steps a fused configuration whose compile failed, set by the optimizer while it
+#: steps a group for which it chose the fused backend itself; ``None`` (an explicit ``fused=True``,
+#: or a functional call with ``backend="fused"``) raises ``FusedCompileError`` instead ([Note:
+#: falling back from the fused backend] in ``_fused.py``)
+FALLBACK_BACKEND: ContextVar[str | None] = ContextVar("optimi_fused_fallback", default=None)
 
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -297,6 +305,16 @@ class ForeachOps:
     @staticmethod
     def numel(x: list[Tensor]) -> list[int]:
         return [t.numel() for t in x]
+
+    @staticmethod
+    def copy_of(x: list[Tensor]) -> list[Tensor]:
+        return [t.clone() for t in x]
+
+    @staticmethod
+    def sum_into_(out: list[Tensor], x: list[Tensor]) -> list[Tensor]:
+        for out_i, x_i in zip(out, x):
+            TENSOR_OPS.sum_into_(out_i, x_i)
+        return out
 
 
 TENSOR_OPS = TensorOps()

@@ -18,6 +18,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from optimi._kernels import FALLBACK_BACKEND
+from optimi._torch_internals import dynamo_supported
+
 __all__ = ["OptimiOptimizer", "resolve_backend", "fused_available", "LOW_PRECISION_DTYPES"]
 
 LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
@@ -106,12 +109,7 @@ def fused_available(device_type: str) -> bool:
     CPU needs the C++ compiler Inductor invokes (``$CXX``, else ``g++``/``clang++``/``c++`` on the
     PATH), CUDA needs Triton; both need a Python version Dynamo supports.
     """
-    if not hasattr(torch, "compile"):
-        return False
-    try:
-        if not torch._dynamo.is_dynamo_supported():
-            return False
-    except Exception:  # noqa: BLE001 - any failure to even ask means: not supported
+    if not dynamo_supported():
         return False
     if device_type == "cuda":
         return _triton_available()
@@ -298,6 +296,7 @@ class OptimiOptimizer(Optimizer):
             if not params:
                 continue
             group["step"] += 1
+            device = params[0].device
             self._run_step_group(
                 group,
                 params,
@@ -305,7 +304,8 @@ class OptimiOptimizer(Optimizer):
                 states,
                 step=group["step"],
                 accumulate=self.optimizer_accumulation,
-                backend=self.backend_for(group, params[0].device),
+                backend=self.backend_for(group, device),
+                fallback=self._fused_fallback(group, "foreach" if device.type == "cuda" else "for_loop"),
             )
         return loss
 
@@ -331,7 +331,17 @@ class OptimiOptimizer(Optimizer):
             step=state["step"],
             accumulate=self.optimizer_accumulation,
             backend="fused" if backend == "fused" else "for_loop",
+            fallback=self._fused_fallback(group, "for_loop"),
         )
+
+    @staticmethod
+    def _fused_fallback(group: dict[str, Any], backend: str) -> str | None:
+        """``backend`` where ``None`` flags let the fused backend be chosen, else ``None``.
+
+        Only an automatic choice falls back when compiling fails; an explicit ``fused=True`` or
+        ``triton=True`` raises ([Note: falling back from the fused backend] in ``_fused.py``).
+        """
+        return None if group["fused"] or group["triton"] else backend
 
     def _run_step_group(
         self,
@@ -343,18 +353,25 @@ class OptimiOptimizer(Optimizer):
         step: int,
         accumulate: bool,
         backend: str,
+        fallback: str | None = None,
     ) -> None:
         """Call ``_step_group``, through ``optimi.distributed`` for tensor-subclass parameters.
 
         Sharded parameters (FSDP2's DTensors) are stepped on their local shards so that the kernels
         only ever see plain tensors; ``optimi.distributed`` is imported only when one shows up.
+        ``fallback`` is the backend a fused configuration that fails to compile falls back to
+        (``None``: such a failure raises).
         """
-        if torch.distributed.is_available() and any(type(p) not in _PLAIN_TENSOR_TYPES for p in params):
-            from optimi.distributed._dtensor import step_local
+        token = FALLBACK_BACKEND.set(fallback if backend == "fused" else None)
+        try:
+            if torch.distributed.is_available() and any(type(p) not in _PLAIN_TENSOR_TYPES for p in params):
+                from optimi.distributed._dtensor import step_local
 
-            step_local(self, group, params, grads, states, step=step, accumulate=accumulate, backend=backend)
-        else:
-            self._step_group(group, params, grads, states, step=step, accumulate=accumulate, backend=backend)
+                step_local(self, group, params, grads, states, step=step, accumulate=accumulate, backend=backend)
+            else:
+                self._step_group(group, params, grads, states, step=step, accumulate=accumulate, backend=backend)
+        finally:
+            FALLBACK_BACKEND.reset(token)
 
     def set_gradient_release_active(self, active: bool) -> None:
         """Mark gradient release hooks as installed (``True``) or removed (``False``).

@@ -44,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import optimi  # noqa: E402
-from optimi import _fused  # noqa: E402
+from optimi import _torch_internals  # noqa: E402
 
 #: optimizer name -> (optimi class name, optimi kwargs, torch.optim class name or None, torch kwargs)
 OPTIMIZERS: dict[str, tuple[str, dict, str | None, dict]] = {
@@ -159,18 +159,15 @@ def copy_probe(numel: int, device: torch.device) -> Callable[[], float]:
 
 
 def _stepping_with_switch_off(optimizer: torch.optim.Optimizer, switch: str, before_first_step=None):
-    """``optimizer`` stepping with ``optimi._fused.<switch>`` set to ``False`` (``True`` otherwise)."""
+    """``optimizer`` stepping with the fused backend's trick ``switch`` off (``optimi._torch_internals``)."""
     step = optimizer.step
     first_step_hooks = [before_first_step] if before_first_step is not None else []
 
     def switched_step(*args, **kwargs):
         while first_step_hooks:
             first_step_hooks.pop()()
-        setattr(_fused, switch, False)
-        try:
+        with _torch_internals.override(**{switch: False}):
             return step(*args, **kwargs)
-        finally:
-            setattr(_fused, switch, True)
 
     optimizer.step = switched_step
     return optimizer
@@ -181,7 +178,7 @@ def without_packed_pairs(optimizer: torch.optim.Optimizer) -> torch.optim.Optimi
 
     See [Note: packed bf16 columns] in ``optimi/_fused.py``: both give the same bits.
     """
-    return _stepping_with_switch_off(optimizer, "PACK_BF16_PAIRS")
+    return _stepping_with_switch_off(optimizer, "packed_pairs")
 
 
 def without_hoisting(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -198,7 +195,7 @@ def without_hoisting(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
         PyCodeCache.cache_clear()
 
-    return _stepping_with_switch_off(optimizer, "HOIST_SCALARS", clear_loaded_modules)
+    return _stepping_with_switch_off(optimizer, "hoist_scalars", clear_loaded_modules)
 
 
 def load_torch_optimi(directory: str) -> Any:

@@ -14,7 +14,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import optimi
-from optimi import _fused
+from optimi import _fused, _torch_internals
 from optimi._fused import compiled_configurations
 from tests.cases import (
     OPTIMIZERS,
@@ -42,6 +42,24 @@ ROUNDS_GRADIENT_INTERMEDIATE = {"adam": 0.995, "radam": 0.995, "lion": 0.995}
 #: Kahan compensation buffers and the weight each compensates (``None``: the parameter itself)
 COMPENSATIONS = {"kahan_comp": None, "slow_comp": "slow_param"}
 MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
+
+
+@pytest.fixture(autouse=True)
+def restore_tricks():
+    """A test that switches a trick off (or fails one's self-check) leaves the others as they were."""
+    _torch_internals.enabled("direct_calls")
+    saved, status = dict(_torch_internals._ENABLED), dict(_torch_internals._STATUS)
+    yield
+    _torch_internals._ENABLED.update(saved)
+    _torch_internals._STATUS.clear()
+    _torch_internals._STATUS.update(status)
+
+
+def tricks(monkeypatch, **switches: bool) -> None:
+    """Switch fused-backend tricks on or off for this test ([Note: private torch internals])."""
+    _torch_internals.enabled("direct_calls")
+    for name, on in switches.items():
+        monkeypatch.setitem(_torch_internals._ENABLED, name, on)
 
 
 def spec_id(spec) -> str:
@@ -144,13 +162,22 @@ def copy_state(source: optimi.OptimiOptimizer, target: optimi.OptimiOptimizer, s
         group_b["step"] = group_a["step"]
 
 
+#: the fused backend with its private-internals tricks, and as plain public ``torch.compile``
+#: ([Note: private torch internals] in ``optimi/_torch_internals.py``): both must be right
+WITH_AND_WITHOUT_TRICKS = pytest.mark.parametrize("with_tricks", [True, False], ids=["tricks", "public_compile"])
+
+
+@WITH_AND_WITHOUT_TRICKS
 @pytest.mark.parametrize("spec", OPTIMIZERS, ids=spec_id)
-def test_fused_equals_for_loop_fp32(spec):
+def test_fused_equals_for_loop_fp32(spec, with_tricks, monkeypatch):
+    tricks(monkeypatch, **dict.fromkeys(_torch_internals.TRICKS, with_tricks))
     check_fused_fp32_run(spec, "cpu", dict(fused=True))
 
 
+@WITH_AND_WITHOUT_TRICKS
 @pytest.mark.parametrize("spec", OPTIMIZERS, ids=spec_id)
-def test_fused_equals_for_loop_bf16_kahan(spec):
+def test_fused_equals_for_loop_bf16_kahan(spec, with_tricks, monkeypatch):
+    tricks(monkeypatch, **dict.fromkeys(_torch_internals.TRICKS, with_tricks))
     check_fused_bf16_kahan_steps(spec, "cpu", dict(fused=True))
 
 
@@ -203,7 +230,7 @@ def test_packed_bf16_pairs_equal_plain_fused_kernel(spec, monkeypatch):
     results, word_views, flat = [], [], _fused._flat
     monkeypatch.setattr(_fused, "_flat", lambda t, packed=False: word_views.append(packed) or flat(t, packed))
     for packed in (True, False):
-        monkeypatch.setattr(_fused, "PACK_BF16_PAIRS", packed)
+        tricks(monkeypatch, packed_pairs=packed)
         word_views.clear()
         params = params_on("cpu", torch.bfloat16)
         optimizer = spec.optimi_cls(params, lr=spec.lr, fused=True, **spec.kwargs)
@@ -227,7 +254,7 @@ def test_packed_kernel_that_fails_to_compile_falls_back_to_the_plain_kernel(monk
     for broken in (True, False):
         monkeypatch.setattr(_fused, "_COMPILED", {})
         monkeypatch.setattr(_fused, "_PACKING_FAILED", set())
-        monkeypatch.setattr(_fused, "PACK_BF16_PAIRS", broken)
+        tricks(monkeypatch, packed_pairs=broken)
         if broken:
             monkeypatch.setattr(_fused, "_unpack", unsupported)
         params = params_on("cpu", torch.bfloat16)
@@ -377,7 +404,7 @@ def check_direct_calls_equal_dynamo(spec, dtype: torch.dtype, device: str, monke
     passes = 2 if spec.name == "stableadamw" else 1  # StableAdamW compiles two passes per row
     results = []
     for direct in (False, True):
-        monkeypatch.setattr(_fused, "CALL_GRAPHS_DIRECTLY", direct)
+        tricks(monkeypatch, direct_calls=direct)
         params = [p.detach().to(device).requires_grad_() for p in make_params(dtype, shapes=shapes)]
         optimizer = spec.optimi_cls(params, lr=spec.lr, fused=True, **spec.kwargs)
         train_on(optimizer, params, spec.lr, steps=2)
@@ -452,7 +479,7 @@ def test_hoisted_scalars_give_the_generated_kernels_bits(spec, dtype, monkeypatc
 
     results, moved = [], []
     for hoist in (False, True):
-        monkeypatch.setattr(_fused, "HOIST_SCALARS", hoist)
+        tricks(monkeypatch, hoist_scalars=hoist)
         monkeypatch.setattr(_fused, "_COMPILED", {})
         PyCodeCache.cache_clear()
         params = params_on("cpu", dtype)

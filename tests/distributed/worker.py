@@ -476,7 +476,70 @@ def scenario_memory() -> dict[str, Any]:
     return results
 
 
-SCENARIOS = {"fsdp": scenario_fsdp, "ddp": scenario_ddp, "memory": scenario_memory}
+# -- the fused backend when compiling fails ---------------------------------------------------------
+
+
+def scenario_fused_fallback() -> dict[str, Any]:
+    """FSDP2 with a C++ compiler that always fails: ``fused=None`` falls back, ``fused=True`` raises.
+
+    ``fused=None`` only picks the fused backend for large groups, so the threshold is lowered to
+    this tiny model. Each fallback run is compared with the single-process for-loop run.
+    """
+    import tempfile
+    import warnings
+
+    from torch._inductor import config as inductor_config
+
+    from optimi import _fused, optimizer
+
+    results: dict[str, Any] = {}
+    rows = my_rows()
+    failing = Path(tempfile.mkdtemp()) / "failing-cxx"
+    failing.write_text("#!/bin/sh\necho 'simulated compiler failure' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    optimizer.FUSED_MIN_ELEMENTS = 0
+    case = OptCase("adamw", optimi.AdamW, dict(lr=1e-2, weight_decay=1e-2))
+    data = make_data(STEPS, 1, torch.float32)
+    with inductor_config.patch({"cpp.cxx": (str(failing),), "fx_graph_cache": False}):
+        for mode in ("step", "release"):
+            init = fresh_init(torch.float32)
+            ref, _ = reference_params(init, case, data, torch.float32)
+            model = sharded_net(init, torch.float32)
+            release = mode == "release"
+            opt = case.build(model.parameters(), gradient_release=release, **case.kwargs)
+            if release:
+                prepare_for_gradient_release(model, opt)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                train(model, opt, data, rows=rows, release=release)
+            results[f"auto/{mode}"] = {
+                "rel_err": rel_err(full_params(model), ref),
+                "warnings": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)],
+                "fallen_back": sorted(set(_fused.fallen_back_configurations().values())),
+            }
+            if release:
+                remove_gradient_release(model)
+        # an explicit fused=True raises at the first step, before any weight changes
+        init = fresh_init(torch.float32)
+        model = sharded_net(init, torch.float32)
+        opt = case.build(model.parameters(), gradient_release=True, fused=True, **case.kwargs)
+        prepare_for_gradient_release(model, opt)
+        x, y = data[0][0]
+        try:
+            nn.functional.mse_loss(model(x[rows]), y[rows]).backward()
+            results["explicit_error"] = None
+        except _fused.FusedCompileError as error:
+            results["explicit_error"] = str(error)
+        results["explicit_unchanged"] = rel_err(full_params(model), init) == 0.0
+    return results
+
+
+SCENARIOS = {
+    "fsdp": scenario_fsdp,
+    "ddp": scenario_ddp,
+    "memory": scenario_memory,
+    "fused_fallback": scenario_fused_fallback,
+}
 
 
 def main() -> None:
