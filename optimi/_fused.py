@@ -171,6 +171,23 @@ def _round_to(value: Tensor, split: float | Tensor) -> Tensor:
     return scaled - (scaled - value)
 
 
+_HIGH_HALF = -65536  # 0xFFFF0000 as an int32
+
+
+def _scalar_rounded_to(value: Tensor, dtype: torch.dtype) -> Tensor:
+    """A float32 0-d ``value`` rounded to nearest-even in ``dtype``'s precision, still float32.
+
+    For bf16 with integer operations on the float32's bits: Inductor before torch 2.13 drops a
+    scalar's ``.to(bf16).float()`` round trip, and a scalar's float arithmetic may run in double
+    precision, where Veltkamp splitting (:func:`_round_to`) rounds to the wrong precision.
+    """
+    if dtype != torch.bfloat16:
+        return value.to(dtype).float()
+    bits = value.view(torch.int32)
+    # add just under half of bf16's last place, plus the kept last bit for ties, then truncate
+    return ((bits + (0x7FFF + ((bits >> 16) & 1))) & _HIGH_HALF).view(torch.float32)
+
+
 class FusedOps(TensorOps):
     """:class:`TensorOps` for code compiled by ``torch.compile`` (see [Note: fused numerics]).
 
@@ -219,7 +236,7 @@ class FusedOps(TensorOps):
         dtype = self.dtype_of(x)
         if dtype in _LOW_PRECISION and x.device.type == "cpu":
             # eager's CPU kernel rounds alpha to the tensor's dtype for bf16/fp16 ...
-            return self._store(x, _opmath(x) + _opmath(y) * alpha.to(dtype).float())
+            return self._store(x, _opmath(x) + _opmath(y) * _scalar_rounded_to(alpha, dtype))
         # ... and computes x + alpha * y as one fused multiply-add otherwise
         return self._store(x, _fma(self.fma, _opmath(y), alpha, _opmath(x)))
 
@@ -294,9 +311,6 @@ class PackedOps(FusedOps):
     def _store(self, x: Tensor, value: Tensor) -> Tensor:
         self.written.append(x)
         return super()._store(x, value)
-
-
-_HIGH_HALF = -65536  # 0xFFFF0000 as an int32
 
 
 def _unpack(words: Tensor) -> tuple[Tensor, Tensor]:

@@ -293,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         "--one-tensor", action="store_true", help="all elements in one tensor (no per-tensor call overhead)"
     )
     parser.add_argument(
+        "--tensors", type=int, default=None, help="split the elements evenly over N tensors (default: 4, uneven)"
+    )
+    parser.add_argument(
         "--compare-packing",
         action="store_true",
         help="CPU: also time bf16 fused with the plain kernel instead of the packed int32-pair one",
@@ -312,7 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     args.reference = load_torch_optimi(args.torch_optimi) if args.torch_optimi else None
-    args.split = (1.0,) if args.one_tensor else SPLIT
+    if args.tensors is not None and args.tensors < 1:
+        parser.error(f"--tensors must be at least 1, got {args.tensors}")
+    args.split = (1.0,) if args.one_tensor else (1 / args.tensors,) * args.tensors if args.tensors else SPLIT
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -417,6 +422,14 @@ def main(argv: list[str] | None = None) -> int:
             f"AdamW: optimi fused bf16+Kahan {kahan * 1e3:.2f} ms vs torch.optim fused fp32 "
             f"{torch_fused * 1e3:.2f} ms per step: {torch_fused / kahan:.2f}x"
         )
+    fp32 = find("adamw", "optimi fused")
+    if fp32 and torch_fused:
+        print(
+            f"AdamW: optimi fused fp32 {fp32 * 1e3:.2f} ms vs torch.optim fused fp32 "
+            f"{torch_fused * 1e3:.2f} ms per step: {torch_fused / fp32:.2f}x"
+        )
+    # which of the fused backend's private-internals optimizations ran ([Note: private torch internals])
+    print(f"fused optimizations on torch {torch.__version__}: {_torch_internals.report()}")
     return 0
 
 
