@@ -101,7 +101,10 @@ def train(
             release = opt._gradient_release_active
         for j, (x, y) in enumerate(micro_batches):
             opt.optimizer_accumulation = j < len(micro_batches) - 1
-            loss = nn.functional.mse_loss(model(x[rows]), y[rows])
+            # under a bf16 MixedPrecisionPolicy the output is bf16 and the target fp32: cast the output
+            # first, because torch 2.10's mse_loss backward rejects mixed dtypes (newer torch accepts
+            # them and gives bit-identical gradients to this cast)
+            loss = nn.functional.mse_loss(model(x[rows]).to(y.dtype), y[rows])
             loss.backward()
             if not release:
                 opt.step()
