@@ -125,6 +125,20 @@ def _release_hook(optimizer: OptimiOptimizer):
     return hook
 
 
+def _fsdp_param_groups(state: Any) -> list[Any]:
+    """The (private) FSDP2 parameter groups of one module's FSDP state; empty if their layout is unknown.
+
+    torch 2.10 keeps at most one group, as ``_fsdp_param_group`` (None without parameters); later torch
+    keeps a list, ``_fsdp_param_groups``, and turns ``_fsdp_param_group`` into a property that raises
+    when there are several. Read the list where it exists, so the newer layout never hits that error.
+    """
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is not None:
+        return list(groups)
+    group = getattr(state, "_fsdp_param_group", None)
+    return [] if group is None else [group]
+
+
 def _refuse_sync_off(module: nn.Module, args: Any) -> None:
     """Forward pre-hook: gradient release needs every backward to reduce-scatter."""
     from torch.distributed.fsdp import FSDPModule
@@ -133,8 +147,7 @@ def _refuse_sync_off(module: nn.Module, args: Any) -> None:
         if not isinstance(submodule, FSDPModule):
             continue
         # FSDP2 keeps the flag on its (private) parameter groups; skip the check if that changes
-        state = submodule._get_fsdp_state()
-        for param_group in getattr(state, "_fsdp_param_groups", []):
+        for param_group in _fsdp_param_groups(submodule._get_fsdp_state()):
             if not getattr(param_group, "reduce_grads", True):
                 raise RuntimeError(
                     "gradient sync is off (set_requires_gradient_sync(False)) while optimi gradient release is "
