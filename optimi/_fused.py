@@ -328,9 +328,9 @@ def _pack(even: Tensor, odd: Tensor) -> Tensor:
 _COMPILED: dict[tuple, _CompiledStep] = {}
 # configurations whose packed kernel failed to compile: they run the plain kernel
 _PACKING_FAILED: set[tuple] = set()
-# configurations whose compile failed where the optimizer chose the fused backend itself -> the
-# backend that steps them instead ([Note: falling back from the fused backend])
-_FELL_BACK: dict[tuple, str] = {}
+# configurations whose compile failed where the optimizer chose the fused backend itself -> (the
+# backend that steps them instead, the failure) ([Note: falling back from the fused backend])
+_FELL_BACK: dict[tuple, tuple[str, FusedCompileError]] = {}
 
 _log = logging.getLogger("optimi")
 
@@ -357,7 +357,7 @@ def compiled_configurations() -> int:
 
 def fallen_back_configurations() -> dict[tuple, str]:
     """Configurations whose compile failed, and the backend that steps them instead (tests, docs)."""
-    return dict(_FELL_BACK)
+    return {config: backend for config, (backend, _) in _FELL_BACK.items()}
 
 
 def _is_static(value: Any) -> bool:
@@ -700,9 +700,11 @@ def run_fused(
             continue
         device = param.device
         config = (update, device.type, tuple(dtypes), static_key, names, tricks)
-        fallback = _FELL_BACK.get(config)
-        if fallback is not None:
-            fallen_back.setdefault(fallback, []).append(index)
+        failed = _FELL_BACK.get(config)
+        if failed is not None:  # compiled and failed before: never again
+            if FALLBACK_BACKEND.get() is None:
+                raise _explicit_failure(failed[1])
+            fallen_back.setdefault(failed[0], []).append(index)
             continue
         packed = packable and device.type == "cpu" and config not in _PACKING_FAILED
         key = (packed, *config)
@@ -730,11 +732,8 @@ def run_fused(
         except FusedCompileError as error:
             backend = FALLBACK_BACKEND.get()
             if backend is None:
-                raise FusedCompileError(
-                    f"{error}. The fused backend was asked for explicitly (fused=True or triton=True); "
-                    "leave fused=None to fall back to the for-loop/foreach backend, or pass fused=False"
-                ) from error.__cause__
-            _FELL_BACK[config] = backend
+                raise _explicit_failure(error) from error.__cause__
+            _FELL_BACK[config] = (backend, error)
             warnings.warn(
                 f"{error}; this configuration now runs the {backend} backend (same math, slower)",
                 RuntimeWarning,
@@ -745,6 +744,13 @@ def run_fused(
         call_graph(arguments)
     for backend, rows in fallen_back.items():
         _run_eagerly(update, backend, [[tensors[i] for i in rows] for tensors in tensor_lists], scalars)
+
+
+def _explicit_failure(error: FusedCompileError) -> FusedCompileError:
+    return FusedCompileError(
+        f"{error}. The fused backend was asked for explicitly (fused=True or triton=True); "
+        "leave fused=None to fall back to the for-loop/foreach backend, or pass fused=False"
+    )
 
 
 #: position of ``packed_pairs`` in :data:`TRICKS` (the tuple of switches in a configuration's key)

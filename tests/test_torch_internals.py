@@ -193,6 +193,14 @@ def test_explicit_fused_raises_naming_the_version_and_cause(failing_compiler):
     assert _fused.fallen_back_configurations() == {}
 
 
+def test_explicit_fused_raises_after_an_automatic_fallback_too(failing_compiler, automatic_fused):
+    """A configuration that fell back for one optimizer still raises for an explicit ``fused=True``."""
+    with pytest.warns(RuntimeWarning, match="for_loop backend"):
+        run(optimi.AdamW, torch.float32, steps=1)
+    with pytest.raises(_fused.FusedCompileError, match="fused=True"):
+        run(optimi.AdamW, torch.float32, steps=1, fused=True)
+
+
 @pytest.mark.parametrize("fused", [None, True])
 def test_fallback_under_gradient_release(fused, failing_compiler, automatic_fused):
     """Under gradient release too: ``None`` steps each parameter with the for-loop, ``True`` raises."""

@@ -190,3 +190,30 @@ def test_release_lowers_peak_gradient_bytes(memory, kind):
     else:  # full replicas
         assert normal[0]["params"] == normal[1]["params"] == 4348
     assert "grads_peak" in memory[0][f"{kind}/release=True/str"]
+
+
+# -- the fused backend when compiling fails ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fused_fallback() -> list[dict[str, Any]]:
+    return run_ranks("fused_fallback")
+
+
+@pytest.mark.parametrize("mode", ["step", "release"])
+def test_fsdp2_fused_compile_failure_falls_back_to_the_for_loop(fused_fallback, mode):
+    """``fused=None`` under FSDP2 with a failing C++ compiler: one warning per rank, for-loop results."""
+    for rank in fused_fallback:
+        entry = rank[f"auto/{mode}"]
+        assert entry["rel_err"] <= FP32_RTOL, entry
+        assert entry["fallen_back"] == ["for_loop"]
+    # the configuration fell back during the first run; the second never compiled nor warned again
+    first = fused_fallback[0]["auto/step"]["warnings"]
+    assert len(first) == 1 and "for_loop backend" in first[0] and "torch" in first[0]
+    assert fused_fallback[0]["auto/release"]["warnings"] == []
+
+
+def test_fsdp2_explicit_fused_compile_failure_raises(fused_fallback):
+    for rank in fused_fallback:
+        assert rank["explicit_error"] is not None and "fused=True" in rank["explicit_error"]
+        assert rank["explicit_unchanged"]
