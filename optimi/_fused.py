@@ -97,6 +97,7 @@ shards) never enters a graph. A callable passed among a rule's scalars would be 
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import warnings
@@ -114,6 +115,7 @@ from optimi._torch_internals import (
     TRICKS,
     compile_capturing_graphs,
     compile_isolation_options,
+    disable_for_speed,
     enabled,
     hoisting_cpp_kernels,
     inductor_fma,
@@ -401,6 +403,8 @@ class _CompiledStep:
         self.inductor_options = inductor_options
         self.label = label
         self.packed = packed
+        # packed steps: builds (or finds) the same configuration's plain step, for the speed check
+        self.plain_step: Callable[[], _CompiledStep] | None = None
         self.capture = may_call_directly and enabled("direct_calls")
         # (how to build its inputs, how to call it with them; both None where it cannot be called
         # directly) per graph Dynamo compiled
@@ -463,6 +467,7 @@ class _CompiledStep:
         try:
             if self.packed:  # compile on a scratch row first: the real row is written only if it agrees
                 self._check_packed(packed_scalars, columns)
+                self._check_packed_speed(packed_scalars, columns)
             self._through_dynamo(packed_scalars, columns)
         except _PackedCheckFailed:
             raise
@@ -519,6 +524,44 @@ class _CompiledStep:
                 raise _PackedCheckFailed(reason)
         note_engaged("packed_pairs")
 
+    def _check_packed_speed(self, packed_scalars: Tensor, columns: Sequence[Tensor | None]) -> None:
+        """Once per process: keep packed kernels only where they beat the plain kernel on this CPU.
+
+        Whether the int32-pair kernel pays depends on the processor, not only on torch: Inductor
+        writes each bitcast as a store to the stack and a reload, which GCC folds away on some
+        CPUs and not on others (measured, docs/benchmarks.md: 1.2-1.3x faster on an AMD Zen 4,
+        5.8x slower on an Intel Sapphire Rapids). Both kernels run a scratch row of
+        :data:`_SPEED_CHECK_WORDS` words, alternately, and the faster one is kept (the plain
+        kernel is this configuration's fallback anyway, so compiling it is not wasted).
+        """
+        global _PACKED_SPEED_CHECKED
+        if _PACKED_SPEED_CHECKED or self.plain_step is None:
+            return
+        _PACKED_SPEED_CHECKED = True
+        plain = self.plain_step()
+        words = _scratch_row(columns, packed=True, length=_SPEED_CHECK_WORDS)
+        halves = [None if w is None else w.view(torch.bfloat16) for w in words]  # the same memory
+        timings: dict[str, list[float]] = {"packed": [], "plain": []}
+        for _ in range(4):  # the first round compiles the plain kernel and warms both
+            for name, step, row in (("packed", self, words), ("plain", plain, halves)):
+                start = time.perf_counter()
+                step(packed_scalars, *row)
+                timings[name].append(time.perf_counter() - start)
+        packed_s, plain_s = min(timings["packed"][1:]), min(timings["plain"][1:])
+        _log.info(
+            "optimi: packed bf16 kernel %.2f ms, plain kernel %.2f ms per %d words",
+            packed_s * 1e3,
+            plain_s * 1e3,
+            _SPEED_CHECK_WORDS,
+        )
+        if packed_s >= plain_s:
+            disable_for_speed(
+                "packed_pairs",
+                f"slower than the plain kernel on this CPU ({packed_s * 1e3:.2f} vs {plain_s * 1e3:.2f} ms "
+                f"per {_SPEED_CHECK_WORDS} words)",
+            )
+            raise _PackedCheckFailed("slower than the plain kernel")
+
 
 def _graph_inputs(plan: list[tuple[int, bool]], packed_scalars: Tensor, columns: Sequence[Tensor | None]) -> list:
     """A captured graph's inputs for one call: tensors, and the lengths Dynamo lifted as inputs."""
@@ -526,25 +569,30 @@ def _graph_inputs(plan: list[tuple[int, bool]], packed_scalars: Tensor, columns:
     return [value.shape[0] if is_length else value for value, (_, is_length) in zip(inputs, plan)]
 
 
+#: words of the scratch row that times packed against plain kernels: 2 MB per bf16 column, in cache
+_SPEED_CHECK_WORDS = 1 << 18
+# whether this process has compared packed and plain kernels ([Note: packed bf16 columns])
+_PACKED_SPEED_CHECKED = False
+
 #: length of the scratch rows the self-checks run on (in words for packed rows); at least 2, which
 #: Dynamo does not specialize, so the configuration's graph serves them
 _SCRATCH_LENGTH = 64
 
 
-def _scratch_row(columns: Sequence[Tensor | None], packed: bool) -> list[Tensor | None]:
+def _scratch_row(columns: Sequence[Tensor | None], packed: bool, length: int = _SCRATCH_LENGTH) -> list[Tensor | None]:
     """Fresh tensors shaped and typed like a row's flat columns, with the same values on every call.
 
     Columns as long as the parameter get :data:`_SCRATCH_LENGTH` elements, others (a sum the rule
     writes) keep their length. Values lie in [0.5, 1.5): every rule's states stay finite.
     """
     generator = torch.Generator().manual_seed(0)
-    length = columns[0].shape[0]
+    parameter_length = columns[0].shape[0]
     row: list[Tensor | None] = []
     for column in columns:
         if column is None:
             row.append(None)
             continue
-        size = _SCRATCH_LENGTH if column.shape[0] == length else column.shape[0]
+        size = length if column.shape[0] == parameter_length else column.shape[0]
         if packed and column.dtype == torch.int32:
             values = (torch.rand(2 * size, generator=generator) + 0.5).to(torch.bfloat16).view(torch.int32)
         else:
@@ -667,8 +715,9 @@ def run_fused(
     static_key = tuple(sorted((k, v if _is_static(v) else id(v)) for k, v in static.items()))
     shared = [_as_float(v) for v in numbers.values()]
     packed_on: dict[torch.device, Tensor] = {}
-    tricks = tuple(enabled(name) for name in TRICKS)
-    pack_pairs = tricks[_PACKED_PAIRS]
+    # the switches that change how a step compiles; packing has its own place in the key
+    tricks = tuple(enabled(name) for name in TRICKS if name != "packed_pairs")
+    pack_pairs = enabled("packed_pairs")
 
     # rows whose compiled graph is called directly run last, one after the other: the Python
     # between two kernels runs on caches the previous kernel flushed ([Note: calling the compiled
@@ -712,6 +761,11 @@ def run_fused(
         if step is None:
             label = _label(update, device.type, dtypes, packed)
             step = _COMPILED[key] = _make_step(update, names, static, tuple(number_columns), device.type, packed, label)
+            if packed:
+                plain_args = (update, names, static, tuple(number_columns), device.type, False)
+                step.plain_step = functools.partial(
+                    _plain_step, key, plain_args, _label(update, device.type, dtypes, False)
+                )
         if number_columns:
             scalars_tensor = _pack_scalars(shared + [_as_float(row[i]) for i in number_columns], device)
         else:
@@ -753,10 +807,6 @@ def _explicit_failure(error: FusedCompileError) -> FusedCompileError:
     )
 
 
-#: position of ``packed_pairs`` in :data:`TRICKS` (the tuple of switches in a configuration's key)
-_PACKED_PAIRS = list(TRICKS).index("packed_pairs")
-
-
 def _run_eagerly(update: Callable[..., None], backend: str, tensor_lists: list[list[Any]], scalars: dict) -> None:
     """Step rows with the backend a failed configuration fell back to (``for_loop`` or ``foreach``)."""
     if backend == "foreach":
@@ -790,11 +840,8 @@ def _run_packed(
         packed_error: FusedCompileError | None = error
     except _PackedCheckFailed:
         packed_error = None  # switch_off has warned once for the process
-    config = key[1:]
-    _PACKING_FAILED.add(config)
-    plain = _COMPILED.get((False, *config))
-    if plain is None:
-        plain = _COMPILED[(False, *config)] = _make_step(*plain_args, plain_label)
+    _PACKING_FAILED.add(key[1:])
+    plain = _plain_step(key, plain_args, plain_label)
     # where the compiler fails altogether this raises too, and the caller's fallback warns once
     plain(scalars, *[_flat(t) if isinstance(t, Tensor) else None for t in row])
     if packed_error is not None:
@@ -804,6 +851,15 @@ def _run_packed(
             RuntimeWarning,
             stacklevel=5,
         )
+
+
+def _plain_step(packed_key: tuple, plain_args: tuple, plain_label: str) -> _CompiledStep:
+    """The plain kernel's compiled step for the configuration of a packed key (built once)."""
+    plain_key = (False, *packed_key[1:])
+    plain = _COMPILED.get(plain_key)
+    if plain is None:
+        plain = _COMPILED[plain_key] = _make_step(*plain_args, plain_label)
+    return plain
 
 
 def _pairs_fit(tensor: Tensor) -> bool:

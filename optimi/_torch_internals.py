@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import os
 import re
 import warnings
@@ -52,6 +53,7 @@ __all__ = [
     "argument_plan",
     "compile_capturing_graphs",
     "compile_isolation_options",
+    "disable_for_speed",
     "dynamo_supported",
     "enabled",
     "hoisting_cpp_kernels",
@@ -155,6 +157,14 @@ def switch_off(name: str, reason: str) -> None:
         RuntimeWarning,
         stacklevel=3,
     )
+
+
+def disable_for_speed(name: str, reason: str) -> None:
+    """Disable trick ``name`` for the rest of the process because it is slower here; logged, no warning."""
+    enabled(name)
+    _ENABLED[name] = False
+    _STATUS[name] = f"off: {reason}"
+    logging.getLogger("optimi").info("optimi: the fused backend's %r optimization is off: %s", name, reason)
 
 
 def note_engaged(name: str) -> None:

@@ -324,6 +324,12 @@ def main(argv: list[str] | None = None) -> int:
         print("--device cuda: no CUDA device available", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
+    if args.compare_packing:
+        # time the packed kernel itself, even where the fused backend's speed check would keep the
+        # plain one ([Note: packed bf16 columns])
+        from optimi import _fused
+
+        _fused._PACKED_SPEED_CHECKED = True
     if not args.warm_cache:
         import torch._inductor.config as inductor_config
 

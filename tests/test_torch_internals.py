@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import warnings
 from pathlib import Path
 
@@ -159,6 +160,32 @@ def test_a_packed_kernel_that_disagrees_with_its_rule_runs_the_plain_kernel(fres
     with pytest.warns(RuntimeWarning, match="'packed_pairs' optimization failed its self-check"):
         actual = run(optimi.AdamW, torch.bfloat16, fused=True)
     assert not _torch_internals.enabled("packed_pairs")
+    for a, b in zip(expected, actual):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+def test_packed_kernels_are_kept_only_where_they_are_faster(fresh_fused, monkeypatch):
+    """The once-per-process speed check keeps the plain kernel where packed pairs run slower."""
+    tricks(monkeypatch, packed_pairs=False)
+    expected = run(optimi.AdamW, torch.bfloat16, fused=True)
+    monkeypatch.setattr(_fused, "_COMPILED", {})
+    tricks(monkeypatch, packed_pairs=True)
+    monkeypatch.setattr(_fused, "_PACKED_SPEED_CHECKED", False)
+    monkeypatch.setattr(_fused, "_SPEED_CHECK_WORDS", 1 << 12)
+    real_call = _fused._CompiledStep.__call__
+
+    def packed_runs_slowly(self, *args):
+        if self.packed:
+            time.sleep(0.005)
+        return real_call(self, *args)
+
+    monkeypatch.setattr(_fused._CompiledStep, "__call__", packed_runs_slowly)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        actual = run(optimi.AdamW, torch.bfloat16, fused=True)
+    assert runtime_warnings(caught) == []  # a slower kernel is a choice, not a failure
+    assert _torch_internals.report()["packed_pairs"].startswith("off: slower than the plain kernel")
+    assert not any(step.packed and step.dynamo_calls > 1 for step in _fused._COMPILED.values())
     for a, b in zip(expected, actual):
         assert torch.equal(a.view(torch.int16), b.view(torch.int16))
 
