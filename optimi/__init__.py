@@ -1,5 +1,7 @@
 """optimi: fast, memory-efficient, low-precision PyTorch optimizers."""
 
+from optimi._fused import FusedCompileError
+from optimi._torch_internals import report as fused_optimizations
 from optimi.adam import Adam
 from optimi.adamw import AdamW
 from optimi.adan import Adan
@@ -18,12 +20,14 @@ __all__ = [
     "Adam",
     "AdamW",
     "Adan",
+    "FusedCompileError",
     "Lion",
     "OptimiOptimizer",
     "RAdam",
     "Ranger",
     "SGD",
     "StableAdamW",
+    "fused_optimizations",
     "param_groups_weight_decay",
     "prepare_for_gradient_release",
     "remove_gradient_release",

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["hoist_invariant_scalars"]
+__all__ = ["hoist_invariant_scalars", "vector_bitcasts"]
 
 _SIGNATURE = re.compile(r'extern "C"\s+void\s+kernel\((?P<arguments>[^)]*)\)\s*\{')
 _DEFINITION = re.compile(r"^[ \t]*auto (?P<name>tmp\d+) = (?P<value>[^;\n]+);[ \t]*\n", re.M)
@@ -110,3 +110,47 @@ def hoist_invariant_scalars(source: str) -> tuple[str, int]:
     # in order of first appearance, which is an order where each statement follows what it reads
     prologue = "".join(f"\n    const auto {name} = {values[name]};" for name in order if name in hoisted)
     return source[:body_start] + prologue + body, len(hoisted)
+
+
+# [Note: bitcasts without the stack]
+# Inductor writes a vector bitcast (``tensor.view(torch.float32)`` of int32 words, which the packed
+# bf16 kernel does for every element, [Note: packed bf16 columns] in ``_fused.py``) as a lambda
+# that stores the vector to a stack array, converts it element by element in a scalar loop, and
+# loads the result from a second array. Whether that costs anything depends on the compiler and
+# the CPU: GCC folds the loop where it vectorizes it, but torch 2.15 builds with
+# ``-fno-tree-loop-vectorize``, and with AVX-512 on an Intel Sapphire Rapids GCC splits the loop
+# into 256-bit halves whose reload cannot be forwarded from the 512-bit store (the packed AdamW
+# step ran 5.8x slower than the plain kernel there). A bitcast needs no loop: the vector's bytes,
+# stored once, already are the result, so the rewrite loads the destination type straight from
+# the first array (``loadu`` takes untyped memory). Same bits, by construction.
+_BITCAST = re.compile(
+    r"""\[&\]\(\)\s*\{\s*
+    __at_align__\ std::array<(?P<source_type>int32_t|float),\ (?P<lanes>\d+)>\ (?P<buffer>tmpbuf\w*);\s*
+    (?P<vector>tmp\d+)\.store\((?P=buffer)\.data\(\),\ static_cast<int64_t>\((?P=lanes)\)\);\s*
+    __at_align__\ std::array<(?P<target_type>int32_t|float),\ (?P=lanes)>\ tmpbuf_out;\s*
+    for\ \(int\ i\ =\ 0;\ i\ <\ static_cast<int64_t>\((?P=lanes)\);\ i\+\+\)\s*
+    \{\s*tmpbuf_out\[i\]\ =\ c10::bit_cast<(?P=target_type)>\((?P=buffer)\[i\]\);\s*\}\s*
+    return\ at::vec::Vectorized<(?P=target_type)>::loadu\(
+        tmpbuf_out\.data\(\),\ static_cast<int64_t>\((?P=lanes)\)\);\s*
+    \}\s*\(\)""",
+    re.X,
+)
+
+
+def vector_bitcasts(source: str) -> tuple[str, int]:
+    """``source`` with each 32-bit vector bitcast done through one store and one load, and how many.
+
+    See [Note: bitcasts without the stack]. Only int32/float32 bitcasts of the exact shape Inductor
+    writes are rewritten; anything else is left as generated.
+    """
+
+    def direct(match: re.Match[str]) -> str:
+        lanes, buffer = match.group("lanes"), match.group("buffer")
+        return (
+            f"[&]() {{ __at_align__ std::array<{match.group('source_type')}, {lanes}> {buffer}; "
+            f"{match.group('vector')}.store({buffer}.data(), static_cast<int64_t>({lanes})); "
+            f"return at::vec::Vectorized<{match.group('target_type')}>::loadu({buffer}.data(), "
+            f"static_cast<int64_t>({lanes})); }}()"
+        )
+
+    return _BITCAST.subn(direct, source)

@@ -108,7 +108,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optimi._cpp_hoist import hoist_invariant_scalars
+from optimi._cpp_hoist import hoist_invariant_scalars, vector_bitcasts
 from optimi._kernels import FALLBACK_BACKEND, FOREACH_OPS, TENSOR_OPS, TensorOps, bucket_by_device_dtype
 from optimi._torch_internals import (
     SCALARS,
@@ -117,10 +117,10 @@ from optimi._torch_internals import (
     compile_isolation_options,
     disable_for_speed,
     enabled,
-    hoisting_cpp_kernels,
     inductor_fma,
     note_engaged,
     precision_cast_options,
+    rewriting_cpp_kernels,
     switch_off,
 )
 
@@ -412,6 +412,7 @@ class _CompiledStep:
         self.direct: tuple[Callable[[list], Any], list[tuple[int, bool]], torch.device] | None = None
         self.dynamo_calls = 0
         self.hoisted_statements = 0  # over the C++ kernels this step compiled (tests, docs)
+        self.rewritten_bitcasts = 0
         self.compile_seconds = 0.0
         isolation = compile_isolation_options()
         if self.capture:
@@ -426,12 +427,17 @@ class _CompiledStep:
         self.graphs.append((plan, call))
         return compiled
 
-    def _count_hoisted(self, moved: int) -> None:
-        self.hoisted_statements += moved
+    def _count_rewrites(self, trick: str, changes: int) -> None:
+        if trick == "hoist_scalars":
+            self.hoisted_statements += changes
+        else:
+            self.rewritten_bitcasts += changes
 
     def _through_dynamo(self, packed_scalars: Tensor, columns: Sequence[Tensor | None]) -> None:
-        # a recompile (a new length Dynamo specializes) may happen on any call through Dynamo
-        with hoisting_cpp_kernels(hoist_invariant_scalars, self._count_hoisted):
+        # a recompile (a new length Dynamo specializes) may happen on any call through Dynamo;
+        # the rewrites are looked up here, at call time, so that tests can replace them
+        rewrites = (("hoist_scalars", hoist_invariant_scalars), ("vector_bitcasts", vector_bitcasts))
+        with rewriting_cpp_kernels(rewrites, self._count_rewrites):
             self.dynamo_step(packed_scalars, *columns)
 
     def direct_call(

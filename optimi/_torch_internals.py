@@ -14,6 +14,9 @@ only here, behind a name in :data:`TRICKS`:
 * ``packed_pairs``: run CPU bf16 rows as int32 words holding two bf16 values ([Note: packed bf16
   columns] in ``_fused.py``). Public tensor operations, but it relies on how Inductor lowers
   bitcasts and shifts.
+* ``vector_bitcasts``: in the same hook, rewrite each vector bitcast Inductor writes as a scalar
+  loop through the stack into one store and one load ([Note: bitcasts without the stack] in
+  ``_cpp_hoist.py``).
 * ``inductor_fma``: Inductor's ``fma`` prim, one rounding for ``a * b + c`` as eager's
   add-with-alpha kernels compute it. Without it the fused step rounds twice there (an ulp now
   and then, well inside the tests' tolerances).
@@ -39,7 +42,7 @@ import logging
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +59,7 @@ __all__ = [
     "disable_for_speed",
     "dynamo_supported",
     "enabled",
-    "hoisting_cpp_kernels",
+    "rewriting_cpp_kernels",
     "inductor_fma",
     "note_engaged",
     "override",
@@ -88,6 +91,7 @@ TRICKS: dict[str, Trick] = {
         Trick("direct_calls", "call each configuration's Inductor graph without Dynamo after its first call"),
         Trick("hoist_scalars", "compute CPU kernels' hyperparameter arithmetic once per call, not per vector"),
         Trick("packed_pairs", "run CPU bf16 rows as int32 words holding two bf16 values"),
+        Trick("vector_bitcasts", "rewrite CPU kernels' bitcasts as one store and load, not a scalar loop"),
         Trick("inductor_fma", "one rounding for add-with-alpha, as eager kernels compute it"),
     )
 }
@@ -344,24 +348,29 @@ def compile_capturing_graphs(
 
 
 @contextlib.contextmanager
-def hoisting_cpp_kernels(rewrite: Callable[[str], tuple[str, int]], on_built: Callable[[int], None]) -> Iterator[None]:
-    """While compiling, rewrite each C++ kernel's source with ``rewrite`` before it is built.
+def rewriting_cpp_kernels(
+    rewrites: Sequence[tuple[str, Callable[[str], tuple[str, int]]]], on_built: Callable[[str, int], None]
+) -> Iterator[None]:
+    """While compiling, rewrite each C++ kernel's source before it is built.
 
-    Inductor hands every CPU kernel's source to ``AsyncCompile.cpp_pybinding``, also when it
-    loads a graph from its FX graph cache, so the rewrite applies to both. The class attribute is
-    swapped back on exit; a kernel another thread compiles meanwhile is rewritten too, which
-    changes its speed, never its results. A rewritten kernel is built at once rather than in
-    Inductor's worker pool, so that should a compiler reject it, the kernel as generated is built
-    instead (with a warning, and the trick switched off) and the step still runs. ``on_built``
-    receives the number of statements moved in each rewritten kernel that built.
+    ``rewrites`` pairs a trick's name with its rewrite (source -> (source, how many changes));
+    those whose trick is on apply in order. Inductor hands every CPU kernel's source to
+    ``AsyncCompile.cpp_pybinding``, also when it loads a graph from its FX graph cache, so the
+    rewrites apply to both. The class attribute is swapped back on exit; a kernel another thread
+    compiles meanwhile is rewritten too, which changes its speed, never its results. A rewritten
+    kernel is built at once rather than in Inductor's worker pool, so that should a compiler
+    reject it, the kernel as generated is built instead (with a warning, and the tricks that
+    changed it switched off) and the step still runs. ``on_built`` receives each trick's count of
+    changes in every rewritten kernel that built.
     """
-    if not enabled("hoist_scalars"):
+    if not any(enabled(name) for name, _ in rewrites):
         yield
         return
     try:
         from torch._inductor.async_compile import AsyncCompile
     except ImportError:  # a torch that moved it: kernels stay as generated
-        _STATUS["hoist_scalars"] = f"off: torch {torch.__version__} has no AsyncCompile"
+        for name, _ in rewrites:
+            _STATUS[name] = f"off: torch {torch.__version__} has no AsyncCompile"
         yield
         return
     build = AsyncCompile.cpp_pybinding
@@ -370,31 +379,37 @@ def hoisting_cpp_kernels(rewrite: Callable[[str], tuple[str, int]], on_built: Ca
         return
 
     # the parameter names are Inductor's, so that a call by keyword still works
-    def build_hoisted(compiler: Any, argtypes: list[str], source_code: str) -> Any:
-        rewritten, moved = rewrite(source_code) if enabled("hoist_scalars") else (source_code, 0)
-        if not moved:
+    def build_rewritten(compiler: Any, argtypes: list[str], source_code: str) -> Any:
+        rewritten, changes = source_code, {}
+        for name, rewrite in rewrites:
+            if enabled(name):
+                rewritten, changes[name] = rewrite(rewritten)
+        changed = [name for name, count in changes.items() if count]
+        if not changed:
             return build(compiler, argtypes, source_code)
         try:
             kernel = build(compiler, argtypes, rewritten)
             kernel = kernel.result() if hasattr(kernel, "result") else kernel  # a pool's future
         except Exception as error:  # any compiler's complaint: does the generated source build?
             # where it does not either, the compiler itself is at fault: its error propagates and
-            # the trick stays on ([Note: falling back from the fused backend] in _fused.py)
+            # the tricks stay on ([Note: falling back from the fused backend] in _fused.py)
             kernel = build(compiler, argtypes, source_code)
             warnings.warn(
-                f"optimi: a CPU kernel with its scalars hoisted failed to build ({type(error).__name__}: "
+                f"optimi: a CPU kernel rewritten by {changed} failed to build ({type(error).__name__}: "
                 f"{error}); using the kernel as Inductor generated it (same results, slower)",
                 RuntimeWarning,
                 stacklevel=2,
             )
-            _ENABLED["hoist_scalars"] = False
-            _STATUS["hoist_scalars"] = f"off: a rewritten kernel failed to build ({type(error).__name__})"
+            for name in changed:
+                _ENABLED[name] = False
+                _STATUS[name] = f"off: a rewritten kernel failed to build ({type(error).__name__})"
             return kernel
-        on_built(moved)
-        note_engaged("hoist_scalars")
+        for name in changed:
+            on_built(name, changes[name])
+            note_engaged(name)
         return kernel
 
-    AsyncCompile.cpp_pybinding = build_hoisted
+    AsyncCompile.cpp_pybinding = build_rewritten
     try:
         yield
     finally:

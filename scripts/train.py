@@ -38,6 +38,7 @@ import contextlib
 import dataclasses
 import gc
 import json
+import logging
 import math
 import os
 import sys
@@ -563,6 +564,9 @@ def evaluate(model: nn.Module, data: ByteDataset, config: TrainConfig, runtime: 
 
 
 def main(argv: list[str] | None = None) -> float:
+    # the fused backend logs each one-time compile and its duration (seconds: not a hang)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("optimi").setLevel(logging.INFO)
     return train(parse_args(argv))
 
 
