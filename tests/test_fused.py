@@ -474,58 +474,53 @@ def test_flat_views_follow_a_parameter_whose_data_is_replaced():
     assert torch.equal(*results)
 
 
+def run_compiled_afresh(spec, dtype: torch.dtype, monkeypatch, count: str, **switches: bool) -> tuple[list, int]:
+    """Four steps on kernels compiled afresh (no FX graph cache, no loaded modules) with ``switches``.
+
+    Returns the state tensors and the sum of each compiled step's ``count`` attribute (how many
+    statements or bitcasts a C++ rewrite changed).
+    """
+    from torch._inductor import config as inductor_config
+    from torch._inductor.codecache import PyCodeCache
+
+    tricks(monkeypatch, **switches)
+    monkeypatch.setattr(_fused, "_COMPILED", {})
+    PyCodeCache.cache_clear()
+    params = params_on("cpu", dtype)
+    optimizer = spec.optimi_cls(params, lr=spec.lr, fused=True, **spec.kwargs)
+    with inductor_config.patch(fx_graph_cache=False):
+        train_on(optimizer, params, spec.lr, steps=4)
+    return state_tensors(optimizer, params), sum(getattr(step, count) for step in _fused._COMPILED.values())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("spec", OPTIMIZERS, ids=spec_id)
 def test_hoisted_scalars_give_the_generated_kernels_bits(spec, dtype, monkeypatch):
     """CPU kernels with their hyperparameter arithmetic hoisted out of the loop give the same bits.
 
-    Each run compiles afresh (no FX graph cache, no loaded modules), so one run builds the kernels
-    as Inductor generated them and the other the rewritten ones ([Note: hoisting the
-    hyperparameters] in ``optimi/_cpp_hoist.py``); the counts show which is which.
+    One run builds the kernels as Inductor generated them and the other the rewritten ones
+    ([Note: hoisting the hyperparameters] in ``optimi/_cpp_hoist.py``); the counts show which is which.
     """
-    from torch._inductor import config as inductor_config
-    from torch._inductor.codecache import PyCodeCache
-
-    results, moved = [], []
-    for hoist in (False, True):
-        tricks(monkeypatch, hoist_scalars=hoist)
-        monkeypatch.setattr(_fused, "_COMPILED", {})
-        PyCodeCache.cache_clear()
-        params = params_on("cpu", dtype)
-        optimizer = spec.optimi_cls(params, lr=spec.lr, fused=True, **spec.kwargs)
-        with inductor_config.patch(fx_graph_cache=False):
-            train_on(optimizer, params, spec.lr, steps=4)
-        results.append(state_tensors(optimizer, params))
-        moved.append(sum(step.hoisted_statements for step in _fused._COMPILED.values()))
-    assert moved[0] == 0 and moved[1] > 0, moved
+    generated, moved_off = run_compiled_afresh(spec, dtype, monkeypatch, "hoisted_statements", hoist_scalars=False)
+    hoisted, moved_on = run_compiled_afresh(spec, dtype, monkeypatch, "hoisted_statements", hoist_scalars=True)
+    assert moved_off == 0 and moved_on > 0, (moved_off, moved_on)
     bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
-    for generated, hoisted in zip(*results):
-        assert torch.equal(generated.view(bits), hoisted.view(bits))
+    for a, b in zip(generated, hoisted):
+        assert torch.equal(a.view(bits), b.view(bits))
 
 
 @pytest.mark.parametrize("spec", OPTIMIZERS, ids=spec_id)
 def test_vector_bitcasts_give_the_generated_kernels_bits(spec, monkeypatch):
     """Packed bf16 kernels with their bitcasts done by one store and load give the same bits.
 
-    As above, each run compiles afresh ([Note: bitcasts without the stack] in ``_cpp_hoist.py``).
+    See [Note: bitcasts without the stack] in ``optimi/_cpp_hoist.py``.
     """
-    from torch._inductor import config as inductor_config
-    from torch._inductor.codecache import PyCodeCache
-
-    results, rewritten = [], []
-    for on in (False, True):
-        tricks(monkeypatch, vector_bitcasts=on, packed_pairs=True)
-        monkeypatch.setattr(_fused, "_COMPILED", {})
-        PyCodeCache.cache_clear()
-        params = params_on("cpu", torch.bfloat16)
-        optimizer = spec.optimi_cls(params, lr=spec.lr, fused=True, **spec.kwargs)
-        with inductor_config.patch(fx_graph_cache=False):
-            train_on(optimizer, params, spec.lr, steps=4)
-        results.append(state_tensors(optimizer, params))
-        rewritten.append(sum(step.rewritten_bitcasts for step in _fused._COMPILED.values()))
-    assert rewritten[0] == 0 and rewritten[1] > 0, rewritten
-    for generated, direct in zip(*results):
-        assert torch.equal(generated.view(torch.int16), direct.view(torch.int16))
+    count, dtype = "rewritten_bitcasts", torch.bfloat16
+    generated, off = run_compiled_afresh(spec, dtype, monkeypatch, count, vector_bitcasts=False, packed_pairs=True)
+    direct, on = run_compiled_afresh(spec, dtype, monkeypatch, count, vector_bitcasts=True, packed_pairs=True)
+    assert off == 0 and on > 0, (off, on)
+    for a, b in zip(generated, direct):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
 
 
 def test_a_rewritten_kernel_that_fails_to_build_falls_back_to_the_generated_one(monkeypatch):
