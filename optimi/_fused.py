@@ -92,7 +92,7 @@ Inductor then emits a reduction loop. StableAdamW splits its step into two rules
 reduction and the update ([Note: StableAdamW's two passes] in ``stableadamw.py``), and combines
 the sums eagerly in between, so that its optional ``reduce_sums`` (an all-reduce across DTensor
 shards) never enters a graph. A callable passed among a rule's scalars would be wrapped in
-``torch._dynamo.disable``, so Dynamo splits the compiled region around it.
+``torch.compiler.disable``, so Dynamo splits the compiled region around it.
 """
 
 from __future__ import annotations
@@ -630,7 +630,7 @@ def _make_step(
     round_stores = device_type == "cpu"
     kahan_in_float32 = device_type == "cpu"
     fma = inductor_fma()
-    eager = {name: torch._dynamo.disable(fn) for name, fn in static.items() if callable(fn)}
+    eager = {name: torch.compiler.disable(fn) for name, fn in static.items() if callable(fn)}
     static = {**static, **eager}
 
     def arguments(packed_scalars: Tensor, columns: Sequence[Tensor | None]) -> tuple[list[Any], dict[str, Any]]:
