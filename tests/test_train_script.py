@@ -1,5 +1,7 @@
 """scripts/train.py end to end: real runs of the script (plain, DDP and FSDP2 through torchrun), bit-identical
-resume from its checkpoints, resume across world sizes, and the bad-input messages.
+resume from its checkpoints, resume across world sizes, the closing bytes/param table, and the bad-input
+messages. The script imports its modules next to it (train_config, parallel, deepspeed_engine,
+memory_table); they are reached here through the loaded script (``train_script.parallel``, ...).
 
 World-size-1 runs call the script's ``main`` in this process (fast); multi-rank runs drive the real
 launcher (``python -m torch.distributed.run``) in a subprocess, as a user would.
@@ -7,9 +9,11 @@ launcher (``python -m torch.distributed.run``) in a subprocess, as a user would.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -70,11 +74,26 @@ def losses(metrics_file: Path) -> dict[int, float]:
 
 
 def memory_table(output: str) -> list[str]:
-    """The lines printed after the held-out loss: the per-rank memory table."""
+    """The lines printed after the held-out loss: the per-rank memory table, then the bytes/param table."""
     lines = output.splitlines()
     held_out = [i for i, line in enumerate(lines) if line.startswith("held-out loss")]
     assert held_out, f"no held-out loss line in:\n{output}"
     return [line for line in lines[held_out[-1] + 1 :] if line.strip()]
+
+
+def bytes_per_param(output: str, world_size: int) -> tuple[list[dict[str, str]], str]:
+    """The closing table (one dict per rank, keyed by the header) and the line under it."""
+    lines = output.splitlines()
+    title = [i for i, line in enumerate(lines) if line.startswith("bytes per parameter held, measured")]
+    assert title, f"no bytes/param table in:\n{output}"
+    assert "vs fp32 AdamW: 4 weight + 4 grad + 8 moments" in lines[title[-1]]
+    header, *rows, footer = lines[title[-1] + 1 : title[-1] + 3 + world_size]
+    # columns are right-justified and separated by two or more spaces; a cell holds at most one
+    header = re.split(r"\s{2,}", header.strip())
+    assert header == train_script.memory_table.HEADER, header
+    table = [dict(zip(header, re.split(r"\s{2,}", row.strip()), strict=True)) for row in rows]
+    assert [row["rank"] for row in table] == [str(rank) for rank in range(world_size)], rows
+    return table, footer
 
 
 def assert_trained(output: str, metrics_file: Path, world_size: int) -> None:
@@ -82,6 +101,7 @@ def assert_trained(output: str, metrics_file: Path, world_size: int) -> None:
     assert loss[max(loss)] < loss[1] - 0.3, f"loss did not go down: {loss}"
     table = memory_table(output)
     assert len(table) >= world_size + 1, f"memory table missing ranks:\n{output}"
+    assert output.rstrip().splitlines()[-1].startswith("rank 0 held "), "the bytes/param table must close the run"
 
 
 # -- end to end -----------------------------------------------------------------------------------------
@@ -90,6 +110,12 @@ def assert_trained(output: str, metrics_file: Path, world_size: int) -> None:
 def test_plain_python_run_trains_and_reports_memory(tmp_path):
     out = run_ok(SHORT + ["--dtype", "fp32", "--metrics-file", "m.jsonl"], tmp_path)
     assert_trained(out, tmp_path / "m.jsonl", world_size=1)
+    # fp32 AdamW measured: the table's 16 bytes/param are what memory_report counts for it (every
+    # gradient alive at the end of backward)
+    (row,), footer = bytes_per_param(out, world_size=1)
+    assert (row["weights"], row["grads"], row["opt state"], row["(Kahan)"]) == ("4.00", "4.00", "8.00", "0.00")
+    assert (row["total"], row["fp32 AdamW"], row["saved"]) == ("16.00", "16.00", "0%"), row
+    assert row["peak RSS"].endswith(" MiB") and float(row["peak RSS"].split()[0]) > 0
 
 
 @pytest.mark.distributed
@@ -120,6 +146,24 @@ def test_fsdp2_bf16_kahan_release_trains(fsdp2_run):
     assert "parallel=fsdp2 x2" in out
     assert_trained(out, cwd / "m.jsonl", world_size=2)
     assert (cwd / "ckpt" / "latest").read_text().strip() == "step_00000008"
+
+
+@pytest.mark.distributed
+def test_demo_ends_with_bytes_per_param_against_fp32_adamw(fsdp2_run):
+    """The README demo's closing table: bf16 weights and moments, Kahan buffers and released gradients,
+    measured per rank on its FSDP2 shard, beside fp32 AdamW's 16 bytes/param on the same shard."""
+    _, out = fsdp2_run
+    table, footer = bytes_per_param(out, world_size=2)
+    n_params = int(re.search(r"for all ([\d,]+) in one process", footer).group(1).replace(",", ""))
+    assert sum(int(row["params"].replace(",", "")) for row in table) == n_params  # each rank holds its shard
+    for row in table:
+        # bf16 weight 2 + (two bf16 moments 4 + bf16 Kahan buffer 2) = 8; gradient release keeps few
+        # gradients alive at once, far below a whole bf16 gradient (2 bytes/param)
+        assert (row["weights"], row["opt state"], row["(Kahan)"]) == ("2.00", "6.00", "2.00"), row
+        assert 0 < float(row["grads"]) < 1.0, row
+        assert float(row["total"]) == pytest.approx(8 + float(row["grads"]), abs=0.011), row
+        assert row["fp32 AdamW"] == "16.00" and int(row["saved"].rstrip("%")) >= 40, row
+    assert "fp32 AdamW would hold" in footer, footer
 
 
 # -- resume -------------------------------------------------------------------------------------------
@@ -218,6 +262,42 @@ def test_schedule_warms_up_then_decays_to_a_tenth():
     assert [train_script.lr_factor(step, constant) for step in (0, 9, 10, 500)] == [0.1, 1.0, 1.0, 1.0]
 
 
+def test_every_flag_has_an_explicit_type_and_help():
+    for field in dataclasses.fields(train_script.TrainConfig):
+        assert field.metadata["help"], field.name
+        assert "type" in field.metadata or field.metadata.get("action") == "store_true", field.name
+    config = train_script.parse_args(["--lr", "1e-3", "--weight-decay", "0.5", "--steps", "7", "--resume", "x"])
+    assert (config.lr, config.weight_decay, config.steps, config.resume) == (1e-3, 0.5, 7, "x")
+
+
+def test_biases_and_norms_get_no_weight_decay():
+    """optimi.param_groups_weight_decay: matrices decay, 1-d parameters (biases, LayerNorm) do not."""
+    model = train_script.GPT(train_script.GPTConfig(block_size=8, n_layer=1, n_head=2, n_embd=8))
+    names = {id(p): name for name, p in model.named_parameters()}
+    for flags, decay in (([], 1e-2), (["--weight-decay", "0.1"], 0.1)):  # default: AdamW's own
+        optimizer = train_script.build_optimizer(model, train_script.parse_args(flags))
+        no_decay, decayed = optimizer.param_groups
+        assert no_decay["weight_decay"] == 0.0 and decayed["weight_decay"] == decay
+        assert {names[id(p)] for p in no_decay["params"]} == {n for n, p in model.named_parameters() if p.ndim == 1}
+        assert "blocks.0.qkv.bias" in {names[id(p)] for p in no_decay["params"]}
+        assert {names[id(p)] for p in decayed["params"]} >= {"wte.weight", "blocks.0.qkv.weight", "head.weight"}
+
+
+def test_losses_reach_the_host_only_on_logging_steps(tmp_path, monkeypatch, one_thread):
+    """One all-reduce (and one host sync) per progress line for all its steps, plus one for the held-out loss."""
+    calls = []
+    mean_over_ranks = train_script.parallel.mean_over_ranks
+
+    def counting(values, runtime):
+        calls.append(tuple(values.shape))
+        return mean_over_ranks(values, runtime)
+
+    monkeypatch.setattr(train_script.parallel, "mean_over_ranks", counting)
+    train_script.main(SHORT + ["--metrics-file", str(tmp_path / "m.jsonl")])  # 8 steps, a line every 4
+    assert calls == [(4,), (4,), ()]
+    assert sorted(losses(tmp_path / "m.jsonl")) == list(range(1, 9))  # every step still has its row
+
+
 def test_optimizer_names_are_case_insensitive():
     assert train_script.parse_args(["--optimizer", "StableAdamW"]).optimizer == "stableadamw"
 
@@ -237,7 +317,10 @@ def test_distributed_without_torchrun_is_an_error(parallel, monkeypatch):
 
 def test_world_size_must_divide_batch(monkeypatch):
     # a 3-rank runtime without starting ranks: the check runs before any collective
-    monkeypatch.setattr(train_script, "init_runtime", lambda config: train_script.Runtime(0, 3, torch.device("cpu")))
+    def three_ranks(parallel: str, device: str):
+        return train_script.Runtime(0, 3, torch.device("cpu"))
+
+    monkeypatch.setattr(train_script.parallel, "init_runtime", three_ranks)
     message = run_error(TINY + ["--batch-size", "8"])
     assert "--batch-size 8 must be divisible by world size 3" in message
 
