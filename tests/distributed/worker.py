@@ -43,15 +43,12 @@ class OptCase:
 
 
 def optimizer_cases() -> list[OptCase]:
-    cases = [
+    return [
         OptCase("adamw", optimi.AdamW, dict(lr=1e-2, weight_decay=1e-2)),
         OptCase("sgd_momentum", optimi.SGD, dict(lr=5e-2, momentum=0.9, weight_decay=1e-3)),
+        OptCase("stableadamw", optimi.StableAdamW, dict(lr=1e-2, weight_decay=1e-2)),
+        OptCase("ranger", optimi.Ranger, dict(lr=1e-2, weight_decay=1e-3)),
     ]
-    if hasattr(optimi, "StableAdamW"):
-        cases.append(OptCase("stableadamw", optimi.StableAdamW, dict(lr=1e-2, weight_decay=1e-2)))
-    if hasattr(optimi, "Ranger"):
-        cases.append(OptCase("ranger", optimi.Ranger, dict(lr=1e-2, weight_decay=1e-3)))
-    return cases
 
 
 class Net(nn.Module):
@@ -215,9 +212,8 @@ def scenario_fsdp() -> dict[str, Any]:
     runs.append(("adamw_fused/fp32/step", fused, torch.float32, "step", None))
     runs.append(("adamw_fused/fp32/release", fused, torch.float32, "release", None))
     runs.append(("adamw_fused/bf16_kahan/release", fused, torch.bfloat16, "release", None))
-    if hasattr(optimi, "StableAdamW"):
-        stable = OptCase("stableadamw_fused", optimi.StableAdamW, dict(lr=1e-2, weight_decay=1e-2, fused=True))
-        runs.append(("stableadamw_fused/fp32/release", stable, torch.float32, "release", None))
+    stable = OptCase("stableadamw_fused", optimi.StableAdamW, dict(lr=1e-2, weight_decay=1e-2, fused=True))
+    runs.append(("stableadamw_fused/fp32/release", stable, torch.float32, "release", None))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     runs.append((f"{adamw.name}/mixed_precision/release", adamw, torch.float32, "release", mp))
     runs.append((f"{adamw.name}/mixed_precision/step", adamw, torch.float32, "step", mp))
@@ -266,28 +262,27 @@ def scenario_fsdp() -> dict[str, Any]:
 
     # StableAdamW's per-tensor RMS clipping must see whole tensors: a gradient spike makes it clip;
     # the same run with the cross-shard reduction switched off shows the check can fail
-    if hasattr(optimi, "StableAdamW"):
-        from optimi.distributed import _dtensor
+    from optimi.distributed import _dtensor
 
-        case = next(c for c in optimizer_cases() if c.name == "stableadamw")
-        data = make_data(STEPS, 1, torch.float32)
-        for x, y in data[3]:
-            x.mul_(30)
-            y.mul_(30)
-        for reduce in (True, False):
-            init = fresh_init(torch.float32)
-            ref, _ = reference_params(init, case, data, torch.float32)
-            model = sharded_net(init, torch.float32)
-            opt = case.build(model.parameters(), gradient_release=True, **case.kwargs)
-            prepare_for_gradient_release(model, opt)
-            original = _dtensor.make_reduce_sums
-            if not reduce:
-                _dtensor.make_reduce_sums = lambda params: lambda sums, counts: (sums, counts)
-            try:
-                train(model, opt, data, rows=rows, release=True)
-            finally:
-                _dtensor.make_reduce_sums = original
-            results[f"stableadamw/spike/reduce={reduce}"] = rel_err(full_params(model), ref)
+    case = next(c for c in optimizer_cases() if c.name == "stableadamw")
+    data = make_data(STEPS, 1, torch.float32)
+    for x, y in data[3]:
+        x.mul_(30)
+        y.mul_(30)
+    for reduce in (True, False):
+        init = fresh_init(torch.float32)
+        ref, _ = reference_params(init, case, data, torch.float32)
+        model = sharded_net(init, torch.float32)
+        opt = case.build(model.parameters(), gradient_release=True, **case.kwargs)
+        prepare_for_gradient_release(model, opt)
+        original = _dtensor.make_reduce_sums
+        if not reduce:
+            _dtensor.make_reduce_sums = lambda params: lambda sums, counts: (sums, counts)
+        try:
+            train(model, opt, data, rows=rows, release=True)
+        finally:
+            _dtensor.make_reduce_sums = original
+        results[f"stableadamw/spike/reduce={reduce}"] = rel_err(full_params(model), ref)
 
     # release for 3 steps, then remove it and continue with normal steps (SGD: no debiasing, see
     # the DDP variant below)
