@@ -18,16 +18,31 @@ short-lived gradients in the allocator, which fragments memory so that the freed
 lower the process's peak (measured: ~9 MiB saved of ~200 MiB of bf16 gradients on CPU). So
 ``prepare_for_gradient_release`` allocates every parameter's state up front.
 
-Distributed models are handed to ``optimi.distributed``: under DDP a plain hook would step on the
-local, not yet averaged gradient, and under FSDP2 the state must be sharded like the parameter.
+[Note: one installer for every kind of model]
+A plain module, an FSDP2 model and a ``DistributedDataParallel`` module are prepared by the same
+helper, :func:`install_release_hooks`: check the model, allocate every parameter's state, install
+the hooks, mark the optimizer active; :func:`uninstall_release_hooks` undoes it. The kinds differ
+only in *where* a gradient is ready to step, and each kind describes that in a
+:class:`ReleaseInstaller` registered under its name (:func:`register_release_installer`):
+
+- ``plain``: the parameter's post-accumulate-grad hook (this module);
+- ``fsdp2``: the sharded parameter's post-accumulate-grad hook, which FSDP2 calls after the
+  reduce-scatter (``optimi/distributed/fsdp.py``);
+- ``ddp``: a communication hook, after the bucket's all-reduce (``optimi/distributed/ddp.py``); a
+  plain hook would step each replica on its local, un-averaged gradient.
+
+Every kind steps through :func:`release_step`, which steps the parameter, frees its gradient and
+tells LR schedulers that the optimizer stepped, so none of that can differ between the kinds.
+:func:`model_kind` is the one place that tells the kinds apart.
 """
 
 from __future__ import annotations
 
 import importlib
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -36,19 +51,6 @@ from torch.utils.hooks import RemovableHandle
 from optimi.optimizer import OptimiOptimizer
 
 __all__ = ["prepare_for_gradient_release", "remove_gradient_release"]
-
-# attribute on the model that holds the installed hooks (see _ReleaseHooks)
-_HOOKS_ATTR = "_optimi_gradient_release"
-
-
-@dataclass
-class _ReleaseHooks:
-    """What ``prepare_for_gradient_release`` installed on a model, so that it can be removed."""
-
-    #: the optimizer the hooks step; its ``_gradient_release_active`` flag is reset on removal
-    optimizer: OptimiOptimizer
-    #: one handle per hooked parameter, in ``model.named_parameters()`` order
-    handles: list[RemovableHandle] = field(default_factory=list)
 
 
 def prepare_for_gradient_release(
@@ -61,14 +63,15 @@ def prepare_for_gradient_release(
     installed ``optimizer.step()`` and ``optimizer.zero_grad()`` are no-ops, and
     ``optimizer.step(closure)`` only evaluates the closure (its backward performs the steps) and
     returns its loss. Learning-rate and momentum schedulers keep working, also after
-    ``optimizer.load_state_dict`` ([Note: gradient release reads the live param group]).
+    ``optimizer.load_state_dict`` ([Note: gradient release reads the live param group]), and
+    ``scheduler.step()`` does not need an ``optimizer.step()`` call before it.
     Debiasing uses each parameter's own step count.
 
     All optimizer state is allocated here, before the first backward
     ([Note: state is allocated before the first backward]).
 
-    A ``DistributedDataParallel`` module or an FSDP2 model (``fully_shard`` applied) is handed to
-    ``optimi.distributed.prepare_gradient_release``.
+    A ``DistributedDataParallel`` module or an FSDP2 model (``fully_shard`` applied) is prepared
+    by ``optimi.distributed``'s installer for its kind ([Note: one installer for every kind of model]).
 
     Args:
         model: The module whose parameters ``optimizer`` updates.
@@ -85,71 +88,219 @@ def prepare_for_gradient_release(
         NotImplementedError: ``model`` is distributed and ``optimi.distributed`` is unavailable.
     """
     check_release_optimizer(optimizer)
-    kind = _distributed_kind(model)
-    if kind is not None:
-        _distributed_entry_point("prepare_gradient_release", kind)(
-            model, optimizer, ignore_existing_hooks=ignore_existing_hooks
-        )
-        return
-    if getattr(model, _HOOKS_ATTR, None) is not None:
-        raise ValueError(
-            "model is already prepared for gradient release; call optimi.remove_gradient_release(model) first"
-        )
-
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    check_managed(optimizer, trainable)
-    check_no_existing_hooks(trainable, ignore_existing_hooks)
-
-    # [Note: state is allocated before the first backward]
-    for _, param in trainable:
-        optimizer.init_param_state(param, optimizer.group_of(param))
-
-    hooks = _ReleaseHooks(optimizer)
-    for _, param in trainable:
-        hooks.handles.append(param.register_post_accumulate_grad_hook(_release_hook(optimizer)))
-    setattr(model, _HOOKS_ATTR, hooks)
-    optimizer.set_gradient_release_active(True)
+    install_release_hooks(model, optimizer, ignore_existing_hooks=ignore_existing_hooks)
 
 
 def remove_gradient_release(model: nn.Module) -> None:
     """Remove the hooks of :func:`prepare_for_gradient_release` and restore normal stepping.
 
-    Only the hooks gradient release installed are removed. Warns if ``model`` has none. A
-    ``DistributedDataParallel`` or FSDP2 model is handed to ``optimi.distributed.remove_gradient_release``.
+    Only the hooks gradient release installed are removed. Warns if ``model`` has none. On a
+    ``DistributedDataParallel`` module the communication hook stays and behaves like DDP's default
+    (see ``optimi/distributed/ddp.py``).
+
+    Raises:
+        NotImplementedError: ``model`` is distributed and ``optimi.distributed`` is unavailable.
     """
-    kind = _distributed_kind(model)
-    if kind is not None:
-        _distributed_entry_point("remove_gradient_release", kind)(model)
-        return
+    # a distributed model without optimi.distributed raises here, as it does in prepare
+    installer_for(model_kind(model))
+    if not uninstall_release_hooks(model):
+        warnings.warn("model has no gradient release hooks to remove", stacklevel=2)
+
+
+# -- the installer registry -----------------------------------------------------------------------
+
+
+class Removable(Protocol):
+    """Anything :func:`uninstall_release_hooks` can undo: a hook handle, DDP's hook switch."""
+
+    def remove(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ReleaseInstaller:
+    """How gradient release is installed on one kind of model ([Note: one installer for every kind of model])."""
+
+    #: ``model -> [(name, parameter)]``: the trainable parameters, named as the user knows them
+    #: (a DDP module's without the ``module.`` prefix)
+    trainable: Callable[[nn.Module], list[tuple[str, Tensor]]]
+    #: ``(model, optimizer, trainable) -> handles``: installs the hooks that call :func:`release_step`;
+    #: runs after every check and after the state is allocated, and returns what removes them
+    install: Callable[[nn.Module, OptimiOptimizer, list[tuple[str, Tensor]]], list[Removable]]
+    #: ``model -> None``: raises ``ValueError`` if this model cannot be prepared for a reason of its
+    #: kind (DDP: a user's communication hook); ``None`` when there is no such reason
+    refuse: Callable[[nn.Module], None] | None = None
+
+
+# kind ("plain", "ddp", "fsdp2") -> its installer; optimi.distributed registers "ddp" and "fsdp2"
+_INSTALLERS: dict[str, ReleaseInstaller] = {}
+
+
+def register_release_installer(kind: str, installer: ReleaseInstaller) -> None:
+    """Install gradient release on models of ``kind`` (a name :func:`model_kind` returns) with ``installer``."""
+    _INSTALLERS[kind] = installer
+
+
+def model_kind(model: nn.Module) -> str:
+    """``"ddp"``, ``"fsdp2"`` (``fully_shard`` applied to ``model`` or a submodule) or ``"plain"``.
+
+    The one place that tells the kinds apart. torch.distributed is imported lazily: single-process
+    code never pays for it, and builds without distributed support have no DDP or FSDP models.
+    """
+    if not torch.distributed.is_available():
+        return "plain"
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        return "ddp"
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2 cannot produce an FSDP2 model
+        return "plain"
+    if any(isinstance(module, FSDPModule) for module in model.modules()):
+        return "fsdp2"
+    return "plain"
+
+
+_DISTRIBUTED_REASONS = {
+    "ddp": "DDP all-reduces gradients after the post-accumulate-grad hooks run, so a plain release hook "
+    "would step every replica on its local, un-averaged gradient and the replicas would silently diverge",
+    "fsdp2": "FSDP2 parameters are DTensor shards: the step must run on the reduce-scattered local shard "
+    "with optimizer state sharded like the parameter",
+}
+
+
+def installer_for(kind: str) -> ReleaseInstaller:
+    """The installer registered for ``kind``, importing ``optimi.distributed`` for a distributed kind.
+
+    [Note: the single lazy import of optimi.distributed]
+    This module never imports ``optimi.distributed`` at module level: ``optimi.distributed`` imports
+    this module (the registry, the checks, :func:`release_step`), so that would be an import cycle,
+    and single-process users would pay for torch.distributed. The DDP and FSDP2 installers register
+    themselves when ``optimi.distributed`` is imported; this is the one place that imports it, the
+    first time a distributed model is met. Where it cannot be imported, a distributed model is
+    refused with ``NotImplementedError``, never given plain hooks.
+    """
+    if kind not in _INSTALLERS:
+        try:
+            importlib.import_module("optimi.distributed")
+        except ImportError as error:
+            # only a missing optimi.distributed means "not implemented"; any other import error is a real bug
+            if error.name is not None and not error.name.startswith("optimi.distributed"):
+                raise
+    installer = _INSTALLERS.get(kind)
+    if installer is None:
+        raise NotImplementedError(
+            f"gradient release for a {kind.upper()} model needs optimi.distributed, which is not available: "
+            f"{_DISTRIBUTED_REASONS[kind]}"
+        )
+    return installer
+
+
+# -- installing and removing ------------------------------------------------------------------------
+
+# attribute on the model that holds what install_release_hooks installed (see _ReleaseHooks)
+_HOOKS_ATTR = "_optimi_gradient_release"
+
+
+@dataclass
+class _ReleaseHooks:
+    """What :func:`install_release_hooks` installed on a model, so that it can be removed."""
+
+    #: the optimizer the hooks step; its ``_gradient_release_active`` flag is reset on removal
+    optimizer: OptimiOptimizer
+    #: the installer's handles, removed in order
+    handles: list[Removable] = field(default_factory=list)
+
+
+def install_release_hooks(model: nn.Module, optimizer: OptimiOptimizer, *, ignore_existing_hooks: bool) -> None:
+    """Prepare ``model`` of any kind for gradient release ([Note: one installer for every kind of model]).
+
+    ``optimizer`` must have passed :func:`check_release_optimizer`. Raises like
+    :func:`prepare_for_gradient_release`; nothing is installed or allocated when it raises.
+    """
+    installer = installer_for(model_kind(model))
+    if getattr(model, _HOOKS_ATTR, None) is not None:
+        raise ValueError(
+            "model is already prepared for gradient release; call optimi.remove_gradient_release(model) first"
+        )
+    trainable = installer.trainable(model)
+    check_managed(optimizer, trainable)
+    check_no_existing_hooks(trainable, ignore_existing_hooks)
+    if installer.refuse is not None:
+        installer.refuse(model)
+
+    # [Note: state is allocated before the first backward]; under FSDP2 zeros_like of a DTensor
+    # parameter is a DTensor with its placements, so the state is sharded like the parameter
+    for _, param in trainable:
+        optimizer.init_param_state(param, optimizer.group_of(param))
+
+    setattr(model, _HOOKS_ATTR, _ReleaseHooks(optimizer, installer.install(model, optimizer, trainable)))
+    optimizer.set_gradient_release_active(True)
+
+
+def uninstall_release_hooks(model: nn.Module) -> bool:
+    """Remove what :func:`install_release_hooks` installed on ``model``; False if it installed nothing."""
     hooks: _ReleaseHooks | None = getattr(model, _HOOKS_ATTR, None)
     if hooks is None:
-        warnings.warn("model has no gradient release hooks to remove", stacklevel=2)
-        return
+        return False
     for handle in hooks.handles:
         handle.remove()
     hooks.optimizer.set_gradient_release_active(False)
     delattr(model, _HOOKS_ATTR)
+    return True
 
 
-# -- helpers ------------------------------------------------------------------------------------
+# -- the step every kind runs -----------------------------------------------------------------------
 
 
-def _release_hook(optimizer: OptimiOptimizer):
-    """The post-accumulate-grad hook: step the parameter, then free its gradient."""
+def release_step(optimizer: OptimiOptimizer, param: Tensor, grad: Tensor | None = None) -> None:
+    """Step ``param`` from a release hook, free its gradient and tell LR schedulers a step ran.
+
+    ``grad`` defaults to ``param.grad``; DDP passes the parameter's view of the averaged bucket,
+    which doubles as the step's scratch buffer because nothing reads it afterwards.
+    """
+    # step_param reads the live param group ([Note: gradient release reads the live param group])
+    optimizer.step_param(param, grad)
+    param.grad = None
+    mark_optimizer_stepped(optimizer)
+
+
+def mark_optimizer_stepped(optimizer: OptimiOptimizer) -> None:
+    """Tell ``torch.optim.lr_scheduler`` that ``optimizer`` stepped, as its wrapper of ``step()`` would.
+
+    An ``LRScheduler`` wraps ``optimizer.step`` to set ``optimizer._opt_called``, and its first
+    ``scheduler.step()`` warns "Detected call of `lr_scheduler.step()` before `optimizer.step()`"
+    when the flag is unset. Under gradient release the steps happen in backward and a loop need not
+    call ``optimizer.step()`` at all, so every release step sets the flag itself.
+    """
+    optimizer._opt_called = True
+
+
+def hook_each_parameter(optimizer: OptimiOptimizer, trainable: list[tuple[str, Tensor]]) -> list[RemovableHandle]:
+    """A post-accumulate-grad hook on every parameter of ``trainable`` that runs :func:`release_step`."""
 
     def hook(param: Tensor) -> None:
-        # step_param reads the live param group ([Note: gradient release reads the live param group])
-        optimizer.step_param(param)
-        param.grad = None
-        # LR schedulers warn "lr_scheduler.step() before optimizer.step()" unless their wrapper
-        # of opt.step() set this flag; under release the steps happen here, inside backward
-        optimizer._opt_called = True
+        release_step(optimizer, param)
 
-    return hook
+    return [param.register_post_accumulate_grad_hook(hook) for _, param in trainable]
 
 
-# The checks below are shared with optimi.distributed's FSDP2 and DDP entry points, which import
-# them from here (the single-process path never imports optimi.distributed).
+def named_trainable(module: nn.Module) -> list[tuple[str, Tensor]]:
+    """``module``'s parameters with ``requires_grad=True``, with their names."""
+    return [(name, param) for name, param in module.named_parameters() if param.requires_grad]
+
+
+def _install_plain(
+    model: nn.Module, optimizer: OptimiOptimizer, trainable: list[tuple[str, Tensor]]
+) -> list[Removable]:
+    """A plain module: a parameter's gradient is complete when autograd has accumulated it."""
+    return hook_each_parameter(optimizer, trainable)
+
+
+register_release_installer("plain", ReleaseInstaller(trainable=named_trainable, install=_install_plain))
+
+
+# -- checks --------------------------------------------------------------------------------------
 
 
 def check_release_optimizer(optimizer: Any) -> None:
@@ -209,50 +360,3 @@ def check_no_existing_hooks(named_params: list[tuple[str, Tensor]], ignore_exist
 def _name_list(names: list[str], limit: int = 5) -> str:
     shown = ", ".join(names[:limit])
     return shown if len(names) <= limit else f"{shown}, ... ({len(names) - limit} more)"
-
-
-def _distributed_kind(model: nn.Module) -> str | None:
-    """``'ddp'``, ``'fsdp2'`` or ``None`` for a plain module.
-
-    torch.distributed is imported lazily: single-process code never pays for it, and builds
-    without distributed support have no DDP or FSDP models to detect.
-    """
-    if not torch.distributed.is_available():
-        return None
-    from torch.nn.parallel import DistributedDataParallel
-
-    if isinstance(model, DistributedDataParallel):
-        return "ddp"
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch without FSDP2 cannot produce an FSDP2 model
-        return None
-    if any(isinstance(module, FSDPModule) for module in model.modules()):
-        return "fsdp2"
-    return None
-
-
-_DISTRIBUTED_REASONS = {
-    "ddp": "DDP all-reduces gradients after the post-accumulate-grad hooks run, so a plain release hook "
-    "would step every replica on its local, un-averaged gradient and the replicas would silently diverge",
-    "fsdp2": "FSDP2 parameters are DTensor shards: the step must run on the reduce-scattered local shard "
-    "with optimizer state sharded like the parameter",
-}
-
-
-def _distributed_entry_point(name: str, kind: str):
-    """``optimi.distributed.<name>``, imported lazily, or a NotImplementedError saying why it is needed."""
-    try:
-        distributed = importlib.import_module("optimi.distributed")
-    except ImportError as error:
-        # only a missing optimi.distributed means "not implemented"; any other import error is a real bug
-        if error.name is not None and not error.name.startswith("optimi.distributed"):
-            raise
-        distributed = None
-    entry_point = getattr(distributed, name, None)
-    if entry_point is None:
-        raise NotImplementedError(
-            f"gradient release for a {kind.upper()} model needs optimi.distributed.{name}, which is not "
-            f"available: {_DISTRIBUTED_REASONS[kind]}"
-        )
-    return entry_point

@@ -12,7 +12,7 @@ import datetime
 import re
 import socket
 import sys
-import types
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.optim import lr_scheduler
 
 import optimi
-from optimi import prepare_for_gradient_release, remove_gradient_release
+from optimi import gradient_release, prepare_for_gradient_release, remove_gradient_release
 from tests.cases import OPTIMIZERS, max_relative_error
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -386,6 +386,27 @@ def test_scheduler_drives_release_after_load_state_dict(spec, scheduler_name):
         assert torch.equal(a, b)
 
 
+SCHEDULER_ORDER_WARNING = "Detected call of `lr_scheduler.step()` before `optimizer.step()`"
+
+
+def test_release_steps_count_as_optimizer_steps_for_schedulers():
+    """A release loop that never calls ``optimizer.step()``: the first ``scheduler.step()`` must not warn.
+
+    torch's LRScheduler warns when its wrapper of ``optimizer.step`` has not run; the release steps in
+    backward stand for it (the same check runs on FSDP2 and DDP in ``tests/distributed``).
+    """
+    model = make_mlp()
+    optimizer = optimi.AdamW(model.parameters(), lr=1e-2, gradient_release=True)
+    prepare_for_gradient_release(model, optimizer)
+    scheduler = lr_scheduler.LambdaLR(optimizer, lambda step: 0.5**step)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mlp_loss(model, 0).backward()
+        scheduler.step()
+    assert [str(w.message) for w in caught if SCHEDULER_ORDER_WARNING in str(w.message)] == []
+    assert scheduler.get_last_lr() == [5e-3]
+
+
 # -- memory: live gradients during backward ------------------------------------------------------
 
 
@@ -589,32 +610,37 @@ def _fsdp2_model() -> nn.Module:
 @pytest.mark.parametrize(
     "make_model, reason", [(_ddp_model, "un-averaged"), (_fsdp2_model, "shard")], ids=["ddp", "fsdp2"]
 )
-def test_distributed_models_dispatch(single_rank_group, monkeypatch, make_model, reason):
-    """DDP / FSDP2 models go to optimi.distributed; without it a clear NotImplementedError, never a plain hook."""
+def test_distributed_models_get_their_kinds_installer(single_rank_group, monkeypatch, make_model, reason):
+    """DDP / FSDP2 models get optimi.distributed's installer; without it a clear error, never plain hooks."""
     model = make_model()
     optimizer = optimi.AdamW(model.parameters(), lr=1e-3, gradient_release=True)
 
-    # optimi.distributed unavailable: refuse, naming the reason
+    # optimi.distributed unavailable (its installers not registered): refuse, naming the reason
     monkeypatch.setitem(sys.modules, "optimi.distributed", None)
+    for kind in ("ddp", "fsdp2"):
+        monkeypatch.delitem(gradient_release._INSTALLERS, kind, raising=False)
     with pytest.raises(NotImplementedError, match=reason):
         prepare_for_gradient_release(model, optimizer)
     assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
     assert not optimizer._gradient_release_active
     with pytest.raises(NotImplementedError, match=reason):
         remove_gradient_release(model)
+    monkeypatch.undo()
 
-    # optimi.distributed available: both entry points are handed the model and options
-    calls = []
-    fake = types.ModuleType("optimi.distributed")
-    fake.prepare_gradient_release = lambda *args, **kwargs: calls.append(("prepare", args, kwargs))
-    fake.remove_gradient_release = lambda *args, **kwargs: calls.append(("remove", args, kwargs))
-    monkeypatch.setitem(sys.modules, "optimi.distributed", fake)
-    prepare_for_gradient_release(model, optimizer, ignore_existing_hooks=True)
+    # available: imported on first use, it installs the kind's hooks, and backward steps every parameter
+    prepare_for_gradient_release(model, optimizer)
+    assert optimizer._gradient_release_active
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        assert model._comm_hooks and all(not p._post_accumulate_grad_hooks for p in model.parameters())
+    else:
+        assert all(p._post_accumulate_grad_hooks for p in model.parameters())
+    before = snapshot(model)
+    mlp_loss(model, 0).backward()
+    assert all(not torch.equal(a, b) for a, b in zip(snapshot(model), before))
+    assert all(p.grad is None for p in model.parameters())
     remove_gradient_release(model)
-    assert calls == [
-        ("prepare", (model, optimizer), {"ignore_existing_hooks": True}),
-        ("remove", (model,), {}),
-    ]
+    assert not optimizer._gradient_release_active
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
 
 
 # -- the documented snippets run as written ------------------------------------------------------

@@ -11,14 +11,14 @@ for every bucket, in backward:
    the call waits for the result, so the step below reads reduced values (on CUDA the wait is a
    stream dependency, not a host sync);
 2. steps each of the bucket's parameters with its view of the averaged bucket
-   (``optimizer.step_param(param, grad_view)``), folding it into the optimizer state only while
-   ``optimizer.optimizer_accumulation`` is set;
-3. drops each parameter's ``.grad`` and returns the bucket. The reducer is told that the
-   optimizer runs in backward (``reducer._set_optimizer_in_backward()``), so at the end of
-   backward it neither copies the bucket back into ``.grad`` (``gradient_as_bucket_view=False``)
-   nor re-points ``.grad`` at the bucket (``gradient_as_bucket_view=True``). Without that, the
-   step's scratch use of the bucket would come back as a stale gradient that the next backward
-   accumulates into and that would be applied a second time.
+   (``optimi.gradient_release.release_step``), folding it into the optimizer state only while
+   ``optimizer.optimizer_accumulation`` is set, and drops each parameter's ``.grad``;
+3. returns the bucket. The reducer is told that the optimizer runs in backward
+   (``reducer._set_optimizer_in_backward()``), so at the end of backward it neither copies the
+   bucket back into ``.grad`` (``gradient_as_bucket_view=False``) nor re-points ``.grad`` at the
+   bucket (``gradient_as_bucket_view=True``). Without that, the step's scratch use of the bucket
+   would come back as a stale gradient that the next backward accumulates into and that would be
+   applied a second time.
 
 Every replica steps the same parameters with bit-identical averaged buckets and identical state,
 so the replicas stay bit-identical. The bucket buffers themselves belong to DDP and stay allocated
@@ -28,6 +28,10 @@ so the replicas stay bit-identical. The bucket buffers themselves belong to DDP 
 ``no_sync()`` skips step 1 and would let gradients pile up locally without any step, so a forward
 under ``no_sync()`` raises while release is active: for accumulation keep syncing and set
 ``optimizer.optimizer_accumulation = True`` for the micro-steps (each is reduced and folded in).
+
+The installer below is registered for the ``"ddp"`` kind; the checks, the up-front state and the
+removal are shared with the other kinds ([Note: one installer for every kind of model] in
+``optimi/gradient_release.py``).
 
 Limits (DDP allows a communication hook to be registered once, and has no way to unset "optimizer
 in backward"): after ``remove_gradient_release`` the hook stays installed but behaves like DDP's
@@ -41,19 +45,24 @@ stepped with a zero gradient (momentum and weight decay still act), where normal
 
 # no `from __future__ import annotations`: DDP checks the comm hook's annotations at runtime
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.hooks import RemovableHandle
 
-from optimi.gradient_release import check_managed, check_no_existing_hooks, check_release_optimizer
+from optimi.gradient_release import (
+    ReleaseInstaller,
+    Removable,
+    named_trainable,
+    register_release_installer,
+    release_step,
+)
 from optimi.optimizer import OptimiOptimizer
 
-__all__ = ["prepare_ddp_gradient_release", "remove_ddp_gradient_release"]
+__all__: list[str] = []
 
 # attribute on the DDP module holding the hook state (it outlives remove_gradient_release)
 _STATE_ATTR = "_optimi_ddp_gradient_release"
@@ -71,37 +80,26 @@ class _DDPReleaseState:
     gradient_as_bucket_view: bool
     #: release on (step + free) or off (behave like DDP's default averaging all-reduce)
     active: bool = True
-    #: the forward pre-hook refusing ``no_sync()`` while release is active
-    sync_check: RemovableHandle | None = None
-    #: buckets seen (for tests and debugging)
-    buckets_reduced: int = field(default=0)
 
 
-def prepare_ddp_gradient_release(
-    model: DistributedDataParallel, optimizer: OptimiOptimizer, *, ignore_existing_hooks: bool = False
-) -> None:
-    """Install the release communication hook on ``model`` (see [Note: what happens when under DDP]).
+class _ReleaseSwitch:
+    """The "handle" of the communication hook: DDP cannot unregister one, so removal switches it off."""
 
-    All optimizer state is allocated here, before the first backward.
+    def __init__(self, state: _DDPReleaseState):
+        self.state = state
 
-    Raises:
-        TypeError: ``optimizer`` is not an optimi optimizer.
-        ValueError: ``gradient_release=False``; a trainable parameter is not in ``optimizer``; the
-            model is already prepared; DDP already has a communication hook that is not optimi's; a
-            parameter already has post-accumulate-grad hooks and ``ignore_existing_hooks`` is False.
-    """
-    check_release_optimizer(optimizer)
-    if not isinstance(model, DistributedDataParallel):
-        raise TypeError(f"expected a DistributedDataParallel module, got {type(model).__qualname__}")
-    state: _DDPReleaseState | None = getattr(model, _STATE_ATTR, None)
-    if state is not None and state.active:
-        raise ValueError(
-            "model is already prepared for gradient release; call optimi.remove_gradient_release(model) first"
-        )
-    trainable = [(name, p) for name, p in model.module.named_parameters() if p.requires_grad]
-    check_managed(optimizer, trainable)
-    check_no_existing_hooks(trainable, ignore_existing_hooks)
-    if state is None and model._comm_hooks:
+    def remove(self) -> None:
+        self.state.active = False
+
+
+def _trainable(model: DistributedDataParallel) -> list[tuple[str, Tensor]]:
+    """The wrapped module's trainable parameters, named without DDP's ``module.`` prefix."""
+    return named_trainable(model.module)
+
+
+def _refuse_foreign_comm_hook(model: DistributedDataParallel) -> None:
+    """Raise if a communication hook other than optimi's is registered: DDP allows only one."""
+    if getattr(model, _STATE_ATTR, None) is None and model._comm_hooks:
         names = ", ".join(getattr(hook, "__qualname__", repr(hook)) for hook, _ in model._comm_hooks)
         raise ValueError(
             f"this DDP model already has a communication hook ({names}); DDP allows only one, and optimi's "
@@ -109,9 +107,12 @@ def prepare_ddp_gradient_release(
             "fresh DistributedDataParallel without register_comm_hook to use gradient release"
         )
 
-    for _, param in trainable:
-        optimizer.init_param_state(param, optimizer.group_of(param))
 
+def _install(
+    model: DistributedDataParallel, optimizer: OptimiOptimizer, trainable: list[tuple[str, Tensor]]
+) -> list[Removable]:
+    """Register the release communication hook (once per model) and the forward pre-hook refusing ``no_sync()``."""
+    state: _DDPReleaseState | None = getattr(model, _STATE_ATTR, None)
     if state is None:
         state = _DDPReleaseState(optimizer, model.process_group, model.gradient_as_bucket_view)
         try:
@@ -126,42 +127,26 @@ def prepare_ddp_gradient_release(
         setattr(model, _STATE_ATTR, state)
     state.optimizer = optimizer
     state.active = True
-    state.sync_check = model.register_forward_pre_hook(_refuse_no_sync)
-    optimizer.set_gradient_release_active(True)
+    return [_ReleaseSwitch(state), model.register_forward_pre_hook(_refuse_no_sync)]
 
 
-def remove_ddp_gradient_release(model: DistributedDataParallel) -> bool:
-    """Turn release off: the hook stays but averages and fills ``.grad`` like DDP's default.
-
-    Returns False if release was not active on ``model``.
-    """
-    state: _DDPReleaseState | None = getattr(model, _STATE_ATTR, None)
-    if state is None or not state.active:
-        return False
-    state.active = False
-    if state.sync_check is not None:
-        state.sync_check.remove()
-        state.sync_check = None
-    state.optimizer.set_gradient_release_active(False)
-    return True
+register_release_installer(
+    "ddp", ReleaseInstaller(trainable=_trainable, install=_install, refuse=_refuse_foreign_comm_hook)
+)
 
 
 @torch.no_grad()
 def _release_comm_hook(state: _DDPReleaseState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
     """All-reduce (average) one bucket, then step its parameters and free their gradients."""
     buffer = bucket.buffer()
-    world_size = dist.get_world_size(state.process_group)
-    buffer.div_(world_size)
+    buffer.div_(dist.get_world_size(state.process_group))
     # blocking, so that the step reads the reduced bucket (see [Note: what happens when under DDP])
     dist.all_reduce(buffer, group=state.process_group)
-    state.buckets_reduced += 1
     params = bucket.parameters()
     grads = bucket.gradients()  # views of `buffer`, shaped like the parameters
     if state.active:
         for param, grad in zip(params, grads):
-            # the averaged view doubles as the step's scratch buffer: nothing reads it afterwards
-            state.optimizer.step_param(param, grad)
-            param.grad = None
+            release_step(state.optimizer, param, grad)
     else:
         for param, grad in zip(params, grads):
             if state.gradient_as_bucket_view:

@@ -127,6 +127,13 @@ def test_fsdp2_release_details(fsdp):
         assert rank["checkpoint"]  # sharded state round-trips through torch.distributed.checkpoint
 
 
+@pytest.mark.parametrize("kind", ["fsdp", "ddp"])
+def test_release_steps_count_as_optimizer_steps_for_schedulers(request, kind):
+    """No "lr_scheduler.step() before optimizer.step()" warning when only the release hooks stepped."""
+    for rank in request.getfixturevalue(kind):
+        assert rank["scheduler_order_warnings"] == []
+
+
 # -- DDP ------------------------------------------------------------------------------------------
 
 

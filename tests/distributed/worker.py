@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +108,25 @@ def train(
                 opt.step()
                 opt.zero_grad()
     opt.optimizer_accumulation = False
+
+
+SCHEDULER_ORDER_WARNING = "Detected call of `lr_scheduler.step()` before `optimizer.step()`"
+
+
+def scheduler_order_warnings(model: nn.Module, opt: Any) -> list[str]:
+    """The scheduler-order warnings of one release step without ``opt.step()``, then ``scheduler.step()``.
+
+    torch's LRScheduler wraps ``opt.step`` to note that it ran and warns at its first step if it did
+    not; under gradient release the steps in backward must stand for it, on every kind of model.
+    """
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5**step)
+    x, y = make_data(1, 1, torch.float32)[0][0]
+    rows = my_rows()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        nn.functional.mse_loss(model(x[rows]), y[rows]).backward()
+        scheduler.step()
+    return [str(w.message) for w in caught if SCHEDULER_ORDER_WARNING in str(w.message)]
 
 
 def reference_params(
@@ -320,6 +340,11 @@ def scenario_fsdp() -> dict[str, Any]:
         results["sync_off_refused"] = "set_requires_gradient_sync" in str(error)
     model.set_requires_gradient_sync(True)
     results["checkpoint"] = dcp_round_trip(model, opt)
+
+    model = sharded_net(fresh_init(torch.float32), torch.float32)
+    opt = optimi.AdamW(model.parameters(), lr=1e-2, gradient_release=True)
+    prepare_for_gradient_release(model, opt)
+    results["scheduler_order_warnings"] = scheduler_order_warnings(model, opt)
     return results
 
 
@@ -414,6 +439,11 @@ def scenario_ddp() -> dict[str, Any]:
             "rel_err": rel_err({n: p.detach() for n, p in model.module.named_parameters()}, ref),
             "identical": replicas_identical(model),
         }
+
+    model = ddp_net(fresh_init(torch.float32), torch.float32)
+    opt = adamw.build(model.parameters(), gradient_release=True, **adamw.kwargs)
+    prepare_for_gradient_release(model, opt)
+    results["scheduler_order_warnings"] = scheduler_order_warnings(model, opt)
 
     # no_sync() would skip the all-reduce: refused while release is active
     model = ddp_net(fresh_init(torch.float32), torch.float32)
