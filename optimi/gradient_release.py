@@ -38,7 +38,6 @@ tells LR schedulers that the optimizer stepped, so none of that can differ betwe
 
 from __future__ import annotations
 
-import importlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -182,7 +181,7 @@ def installer_for(kind: str) -> ReleaseInstaller:
     """
     if kind not in _INSTALLERS:
         try:
-            importlib.import_module("optimi.distributed")
+            import optimi.distributed  # noqa: F401 (imported for its side effect: registering the installers)
         except ImportError as error:
             # only a missing optimi.distributed means "not implemented"; any other import error is a real bug
             if error.name is not None and not error.name.startswith("optimi.distributed"):
