@@ -8,15 +8,15 @@ only here, behind a name in :data:`TRICKS`:
 * ``direct_calls``: capture the graph Inductor compiles for a configuration (``compile_fx`` with
   an ``inner_compile`` hook, AOTAutograd's cache bypassed) and map its inputs to the step's
   arguments through the ``Source`` objects Dynamo recorded, so that later calls skip Dynamo
-  ([Note: calling the compiled graph directly] in ``_fused.py``).
+  ([Note: calling the compiled graph directly] in ``optimi/_fused/``).
 * ``hoist_scalars``: swap ``AsyncCompile.cpp_pybinding`` while compiling, so each CPU kernel's
-  C++ is rewritten before it is built ([Note: hoisting the hyperparameters] in ``_cpp_hoist.py``).
+  C++ is rewritten before it is built ([Note: hoisting the hyperparameters] in ``optimi/_fused/cpp_rewrites.py``).
 * ``packed_pairs``: run CPU bf16 rows as int32 words holding two bf16 values ([Note: packed bf16
-  columns] in ``_fused.py``). Public tensor operations, but it relies on how Inductor lowers
+  columns] in ``optimi/_fused/``). Public tensor operations, but it relies on how Inductor lowers
   bitcasts and shifts.
 * ``vector_bitcasts``: in the same hook, rewrite each vector bitcast Inductor writes as a scalar
   loop through the stack into one store and one load ([Note: bitcasts without the stack] in
-  ``_cpp_hoist.py``).
+  ``optimi/_fused/cpp_rewrites.py``).
 * ``inductor_fma``: Inductor's ``fma`` prim, one rounding for ``a * b + c`` as eager's
   add-with-alpha kernels compute it. Without it the fused step rounds twice there (an ulp now
   and then, well inside the tests' tolerances).
@@ -392,7 +392,7 @@ def rewriting_cpp_kernels(
             kernel = kernel.result() if hasattr(kernel, "result") else kernel  # a pool's future
         except Exception as error:  # any compiler's complaint: does the generated source build?
             # where it does not either, the compiler itself is at fault: its error propagates and
-            # the tricks stay on ([Note: falling back from the fused backend] in _fused.py)
+            # the tricks stay on ([Note: falling back from the fused backend] in optimi/_fused/compilation.py)
             kernel = build(compiler, argtypes, source_code)
             warnings.warn(
                 f"optimi: a CPU kernel rewritten by {changed} failed to build ({type(error).__name__}: "

@@ -8,11 +8,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optimi._kernels import (
+from optimi._backends import run_update
+from optimi._columns import Columns
+from optimi._ops import UpdateOps
+from optimi._update_blocks import (
+    adam_denominator_,
+    adam_moments_,
     bias_correction,
     decoupled_decay_,
     finish_update_,
-    run_update,
     update_target,
     weight_decay_terms,
 )
@@ -78,7 +82,11 @@ class Adam(OptimiOptimizer):
             gradient_release=gradient_release,
             fused=fused,
         )
-        super().__init__(params, defaults)
+        super().__init__(params, {**defaults, **self._extra_defaults()})
+
+    def _extra_defaults(self) -> dict[str, Any]:
+        """Hyperparameters a subclass adds to Adam's, validated with them (Ranger's ``k`` and ``alpha``)."""
+        return {}
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
@@ -150,7 +158,7 @@ def adam(
     run_update(
         _adam_update,
         backend,
-        (params, grads, exp_avgs, exp_avg_sqs, kahan_comps),
+        Columns(params, grads, (exp_avgs, exp_avg_sqs), kahan_comps),
         lr=lr,
         beta1=beta1,
         beta2=beta2,
@@ -165,7 +173,7 @@ def adam(
 
 
 def _adam_update(
-    ops: Any,
+    ops: UpdateOps,
     param: Any,
     grad: Any,
     exp_avg: Any,
@@ -185,17 +193,12 @@ def _adam_update(
     """Adam's update rule, written once for every backend ([Note: one update rule, three backends])."""
     if l2 is not None and not accumulate:
         ops.add_(grad, param, alpha=l2)
-    ops.lerp_(exp_avg, grad, 1 - beta1)
-    ops.mul_(exp_avg_sq, beta2)
-    ops.addcmul_(exp_avg_sq, grad, grad, value=1 - beta2)
+    adam_moments_(ops, grad, exp_avg, exp_avg_sq, beta1, beta2)
     if accumulate:
         return
 
     # the gradient is dead from here on: build the denominator sqrt(v_hat) + eps in its buffer
-    denom = ops.scratch(grad)
-    ops.sqrt_into_(denom, exp_avg_sq)
-    ops.mul_(denom, inverse_bias_correction2_sqrt)
-    ops.add_scalar_(denom, eps)
+    denom = adam_denominator_(ops, grad, exp_avg_sq, eps, inverse_bias_correction2_sqrt)
 
     target = update_target(param, kahan_comp)
     if decay is not None:

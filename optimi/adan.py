@@ -8,11 +8,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optimi._kernels import (
+from optimi._backends import run_update
+from optimi._columns import Columns
+from optimi._ops import UpdateOps
+from optimi._update_blocks import (
+    adam_denominator_,
     bias_correction,
     decoupled_decay_,
     finish_update_,
-    run_update,
+    second_moment_,
     update_target,
     weight_decay_terms,
 )
@@ -170,7 +174,7 @@ def adan(
     run_update(
         _adan_update,
         backend,
-        (params, grads, exp_avgs, exp_avg_diffs, exp_avg_sqs, prev_grads, kahan_comps),
+        Columns(params, grads, (exp_avgs, exp_avg_diffs, exp_avg_sqs, prev_grads), kahan_comps),
         lr=lr,
         beta1=beta1,
         beta2=beta2,
@@ -187,7 +191,7 @@ def adan(
 
 
 def _adan_update(
-    ops: Any,
+    ops: UpdateOps,
     param: Any,
     grad: Any,
     exp_avg: Any,
@@ -218,17 +222,13 @@ def _adan_update(
     # prev_grad <- g_t + beta2 (g_t - g_{t-1}), the Nesterov-corrected gradient
     ops.mul_(prev_grad, -beta2)
     ops.add_(prev_grad, grad)
-    ops.mul_(exp_avg_sq, beta3)
-    ops.addcmul_(exp_avg_sq, prev_grad, prev_grad, value=1 - beta3)
+    second_moment_(ops, exp_avg_sq, prev_grad, beta3)
     ops.copy_(prev_grad, grad)  # the next step's previous gradient
     if accumulate:
         return
 
     # the gradient is dead from here on: build the denominator sqrt(n_hat) + eps in its buffer
-    denom = ops.scratch(grad)
-    ops.sqrt_into_(denom, exp_avg_sq)
-    ops.mul_(denom, inverse_bias_correction3_sqrt)
-    ops.add_scalar_(denom, eps)
+    denom = adam_denominator_(ops, grad, exp_avg_sq, eps, inverse_bias_correction3_sqrt)
 
     target = update_target(param, kahan_comp)
     if decay is not None and adam_wd:

@@ -8,7 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optimi._kernels import decoupled_decay_, finish_update_, run_update, update_target, weight_decay_terms
+from optimi._backends import run_update
+from optimi._columns import Columns
+from optimi._ops import UpdateOps
+from optimi._update_blocks import decoupled_decay_, finish_update_, update_target, weight_decay_terms
 from optimi.optimizer import SHARED_ARGS_DOC, OptimiOptimizer, check_betas
 
 __all__ = ["Lion", "lion"]
@@ -127,7 +130,7 @@ def lion(
     run_update(
         _lion_update,
         backend,
-        (params, grads, exp_avgs, kahan_comps),
+        Columns(params, grads, (exp_avgs,), kahan_comps),
         lr=lr,
         beta1=beta1,
         beta2=beta2,
@@ -137,7 +140,7 @@ def lion(
 
 
 def _lion_update(
-    ops: Any,
+    ops: UpdateOps,
     param: Any,
     grad: Any,
     exp_avg: Any,

@@ -18,14 +18,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from optimi._kernels import FALLBACK_BACKEND
+from optimi._fused import FALLBACK_BACKEND
+from optimi._ops import LOW_PRECISION_DTYPES
 from optimi._torch_internals import dynamo_supported
 
 __all__ = ["OptimiOptimizer", "resolve_backend", "fused_available", "LOW_PRECISION_DTYPES"]
-
-LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
-
-BACKENDS = ("for_loop", "foreach", "fused")
 
 # parameters of these types are stepped directly; any other tensor subclass (FSDP2's DTensor
 # shards) goes through optimi.distributed, which hands the kernels local tensors
@@ -339,7 +336,7 @@ class OptimiOptimizer(Optimizer):
         """``backend`` where ``None`` flags let the fused backend be chosen, else ``None``.
 
         Only an automatic choice falls back when compiling fails; an explicit ``fused=True`` or
-        ``triton=True`` raises ([Note: falling back from the fused backend] in ``_fused.py``).
+        ``triton=True`` raises ([Note: falling back from the fused backend] in ``optimi/_fused/compilation.py``).
         """
         return None if group["fused"] or group["triton"] else backend
 
@@ -358,13 +355,20 @@ class OptimiOptimizer(Optimizer):
         """Call ``_step_group``, through ``optimi.distributed`` for tensor-subclass parameters.
 
         Sharded parameters (FSDP2's DTensors) are stepped on their local shards so that the kernels
-        only ever see plain tensors; ``optimi.distributed`` is imported only when one shows up.
-        ``fallback`` is the backend a fused configuration that fails to compile falls back to
-        (``None``: such a failure raises).
+        only ever see plain tensors. ``fallback`` is the backend a fused configuration that fails to
+        compile falls back to (``None``: such a failure raises).
         """
         token = FALLBACK_BACKEND.set(fallback if backend == "fused" else None)
         try:
             if torch.distributed.is_available() and any(type(p) not in _PLAIN_TENSOR_TYPES for p in params):
+                # [Note: the single lazy import]
+                # optimi.distributed builds on this module (it steps local shards through
+                # _step_group), so importing it here at module level would be a cycle; and a
+                # single-process user never needs it. The single-process code therefore reaches
+                # optimi.distributed only when it meets a sharded parameter (here) or a distributed
+                # model (gradient release's installer registry), always by importing it inside the
+                # function that met it. tests/test_architecture.py fails on any other lazy import
+                # and on any module-level import cycle.
                 from optimi.distributed._dtensor import step_local
 
                 step_local(self, group, params, grads, states, step=step, accumulate=accumulate, backend=backend)

@@ -6,11 +6,15 @@ from typing import Any
 
 from torch import Tensor
 
-from optimi._kernels import (
+from optimi._backends import run_update
+from optimi._columns import Columns
+from optimi._ops import UpdateOps
+from optimi._update_blocks import (
+    adam_denominator_,
+    adam_moments_,
     bias_correction,
     decoupled_decay_,
     finish_update_,
-    run_update,
     update_target,
     weight_decay_terms,
 )
@@ -123,7 +127,7 @@ def radam(
     run_update(
         _radam_update,
         backend,
-        (params, grads, exp_avgs, exp_avg_sqs, kahan_comps),
+        Columns(params, grads, (exp_avgs, exp_avg_sqs), kahan_comps),
         beta1=beta1,
         beta2=beta2,
         eps=eps,
@@ -152,7 +156,7 @@ def radam_step_size(*, lr: float, beta1: float, beta2: float, step: int) -> tupl
 
 
 def radam_moments_(
-    ops: Any,
+    ops: UpdateOps,
     param: Any,
     grad: Any,
     exp_avg: Any,
@@ -166,13 +170,11 @@ def radam_moments_(
     """Fold the gradient (plus the L2 term, unless accumulating) into RAdam's two moments."""
     if l2 is not None and not accumulate:
         ops.add_(grad, param, alpha=l2)
-    ops.lerp_(exp_avg, grad, 1 - beta1)
-    ops.mul_(exp_avg_sq, beta2)
-    ops.addcmul_(exp_avg_sq, grad, grad, value=1 - beta2)
+    adam_moments_(ops, grad, exp_avg, exp_avg_sq, beta1, beta2)
 
 
 def radam_step_(
-    ops: Any,
+    ops: UpdateOps,
     param: Any,
     grad: Any,
     exp_avg: Any,
@@ -192,16 +194,15 @@ def radam_step_(
     if decay is not None:
         decoupled_decay_(ops, param, kahan_comp, decay)
     if rectify:
-        denom = ops.scratch(grad)
-        ops.sqrt_into_(denom, exp_avg_sq)
-        ops.add_scalar_(denom, eps)
+        # eps is added before debiasing, as in torch.optim.RAdam: the debiasing is in step_size
+        denom = adam_denominator_(ops, grad, exp_avg_sq, eps)
         ops.addcdiv_(target, exp_avg, denom, value=-step_size)
     else:
         ops.add_(target, exp_avg, alpha=-step_size)
 
 
 def _radam_update(
-    ops: Any,
+    ops: UpdateOps,
     param: Any,
     grad: Any,
     exp_avg: Any,

@@ -8,14 +8,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optimi._kernels import finish_update_, run_update, weight_decay_terms
-from optimi.optimizer import SHARED_ARGS_DOC, OptimiOptimizer, check_betas, check_range
-from optimi.radam import RADAM_MATH, radam_moments_, radam_step_, radam_step_size
+from optimi._backends import run_update
+from optimi._columns import Columns
+from optimi._ops import UpdateOps
+from optimi._update_blocks import finish_update_, weight_decay_terms
+from optimi.optimizer import SHARED_ARGS_DOC, check_range
+from optimi.radam import RADAM_MATH, RAdam, radam_moments_, radam_step_, radam_step_size
 
 __all__ = ["Ranger", "ranger"]
 
 
-class Ranger(OptimiOptimizer):
+class Ranger(RAdam):
     __doc__ = rf"""Ranger optimizer: RAdam inside Lookahead.
 
     The fast weights :math:`\theta` take RAdam steps (Liu et al., 2020,
@@ -68,13 +71,14 @@ class Ranger(OptimiOptimizer):
         gradient_release: bool = False,
         fused: bool | None = None,
     ):
-        defaults = dict(
+        # Lookahead's hyperparameters join RAdam's defaults through Adam's _extra_defaults
+        self._lookahead_defaults = {"k": k, "alpha": alpha}
+        super().__init__(
+            params,
             lr=lr,
-            betas=tuple(betas) if isinstance(betas, list) else betas,
+            betas=betas,
             weight_decay=weight_decay,
             eps=eps,
-            k=k,
-            alpha=alpha,
             decouple_wd=decouple_wd,
             decouple_lr=decouple_lr,
             max_lr=max_lr,
@@ -84,20 +88,19 @@ class Ranger(OptimiOptimizer):
             gradient_release=gradient_release,
             fused=fused,
         )
-        super().__init__(params, defaults)
+
+    def _extra_defaults(self) -> dict[str, Any]:
+        return dict(self._lookahead_defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
-        check_betas(group["betas"], 2)
-        check_range("eps", group["eps"], 0.0)
         k = group["k"]
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"Invalid k: {k!r} (must be an integer >= 1)")
         check_range("alpha", group["alpha"], 0.0, 1.0, low_inclusive=False, high_inclusive=True)
 
     def _init_state(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        super()._init_state(param, group, state)  # RAdam's two moments
         state["slow_param"] = param.detach().clone(memory_format=torch.preserve_format)
         if self.uses_kahan(param, group):
             # the slow weights' Kahan residual, so that lookahead interpolates exact values
@@ -186,7 +189,7 @@ def ranger(
     run_update(
         _ranger_update,
         backend,
-        (params, grads, exp_avgs, exp_avg_sqs, slow_params, slow_comps, kahan_comps),
+        Columns(params, grads, (exp_avgs, exp_avg_sqs, slow_params, slow_comps), kahan_comps),
         beta1=beta1,
         beta2=beta2,
         eps=eps,
@@ -201,7 +204,7 @@ def ranger(
 
 
 def _ranger_update(
-    ops: Any,
+    ops: UpdateOps,
     param: Any,
     grad: Any,
     exp_avg: Any,

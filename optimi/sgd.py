@@ -8,7 +8,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optimi._kernels import decoupled_decay_, finish_update_, run_update, update_target, weight_decay_terms
+from optimi._backends import run_update
+from optimi._columns import Columns
+from optimi._ops import UpdateOps
+from optimi._update_blocks import decoupled_decay_, finish_update_, update_target, weight_decay_terms
 from optimi.optimizer import SHARED_ARGS_DOC, OptimiOptimizer, check_range
 
 __all__ = ["SGD", "sgd"]
@@ -153,12 +156,12 @@ def sgd(
         lr=lr, weight_decay=weight_decay, decouple_wd=decouple_wd, decouple_lr=decouple_lr, max_lr=max_lr
     )
     if momentum_buffers is None:
-        run_update(_sgd_update, backend, (params, grads, kahan_comps), lr=lr, l2=l2, decay=decay)
+        run_update(_sgd_update, backend, Columns(params, grads, (), kahan_comps), lr=lr, l2=l2, decay=decay)
     else:
         run_update(
             _sgd_momentum_update,
             backend,
-            (params, grads, momentum_buffers, kahan_comps),
+            Columns(params, grads, (momentum_buffers,), kahan_comps),
             lr=lr,
             momentum=momentum,
             dampening=dampening,
@@ -170,7 +173,7 @@ def sgd(
 
 
 def _sgd_update(
-    ops: Any,
+    ops: UpdateOps,
     param: Any,
     grad: Any,
     kahan_comp: Any,
@@ -190,7 +193,7 @@ def _sgd_update(
 
 
 def _sgd_momentum_update(
-    ops: Any,
+    ops: UpdateOps,
     param: Any,
     grad: Any,
     momentum_buffer: Any,

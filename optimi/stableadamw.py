@@ -8,15 +8,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optimi._kernels import (
-    TENSOR_OPS,
+from optimi._backends import run_update
+from optimi._columns import Columns
+from optimi._ops import TENSOR_OPS, UpdateOps, sum_dtype
+from optimi._update_blocks import (
+    adam_denominator_,
+    adam_moments_,
     finish_update_,
-    run_update,
-    sum_dtype,
+    second_moment_,
     update_target,
     weight_decay_terms,
 )
-from optimi.optimizer import SHARED_ARGS_DOC, OptimiOptimizer, check_betas, check_range
+from optimi.adam import Adam
+from optimi.optimizer import SHARED_ARGS_DOC
 
 __all__ = ["StableAdamW", "stableadamw", "ReduceSums"]
 
@@ -25,7 +29,7 @@ __all__ = ["StableAdamW", "stableadamw", "ReduceSums"]
 ReduceSums = Callable[[list[Tensor], list[int]], tuple[list[Tensor], list[int]]]
 
 
-class StableAdamW(OptimiOptimizer):
+class StableAdamW(Adam):
     __doc__ = rf"""StableAdamW optimizer (Wortsman et al., 2023, "Stable and low-precision training for
     large-scale vision-language models", https://arxiv.org/abs/2304.13013), Algorithm 2: AdamW whose
     learning rate is scaled down, per tensor, whenever the gradient is large relative to its
@@ -72,11 +76,15 @@ class StableAdamW(OptimiOptimizer):
         gradient_release: bool = False,
         fused: bool | None = None,
     ):
-        defaults = dict(
+        # Adam's hyperparameters, validation and state (two moments); weight decay is always
+        # decoupled, so the group's decouple_wd is pinned to True, as torch's AdamW pins Adam's
+        super().__init__(
+            params,
             lr=lr,
-            betas=tuple(betas) if isinstance(betas, list) else betas,
+            betas=betas,
             weight_decay=weight_decay,
             eps=eps,
+            decouple_wd=True,
             decouple_lr=decouple_lr,
             max_lr=max_lr,
             kahan_sum=kahan_sum,
@@ -85,16 +93,6 @@ class StableAdamW(OptimiOptimizer):
             gradient_release=gradient_release,
             fused=fused,
         )
-        super().__init__(params, defaults)
-
-    def _validate_group(self, group: dict[str, Any]) -> None:
-        super()._validate_group(group)
-        check_betas(group["betas"], 2)
-        check_range("eps", group["eps"], 0.0)
-
-    def _init_state(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
     def _step_group(
         self,
@@ -168,24 +166,23 @@ def stableadamw(
     the fused backend instead makes the first pass a pure reduction (it reads ``g`` and ``v``,
     forms this step's ``v`` without storing it, and sums the ratio in the kernel) and the second
     pass one update of moments and parameter: 36 bytes per element. Both orders are composed from
-    the same functions (:func:`_moments_`, :func:`_rms_terms_`, :func:`_stableadamw_step`), so the
-    math exists once.
+    the same functions (``adam_moments_`` of ``_update_blocks.py``, :func:`_rms_terms_`,
+    :func:`_stableadamw_step`), so the math exists once.
     """
     if not params:
         return
     betas = dict(beta1=debiased_beta(beta1, step), beta2=debiased_beta(beta2, step))
-    tensors = (params, grads, exp_avgs, exp_avg_sqs)
+    moments = Columns(params, grads, (exp_avgs, exp_avg_sqs), kahan_comps)
     fused = backend == "fused"
     if accumulate:
-        run_update(_stableadamw_moments, backend, (*tensors, kahan_comps), **betas, eps_sq=eps * eps, accumulate=True)
+        run_update(_stableadamw_moments, backend, moments, **betas, eps_sq=eps * eps, accumulate=True)
         return
     if fused:
         sums = [torch.zeros((), dtype=sum_dtype(p.dtype), device=p.device) for p in params]
-        run_update(
-            _stableadamw_rms_sums, backend, (*tensors, sums, kahan_comps), beta2=betas["beta2"], eps_sq=eps * eps
-        )
+        with_sums = moments._replace(states=(*moments.states, sums))
+        run_update(_stableadamw_rms_sums, backend, with_sums, beta2=betas["beta2"], eps_sq=eps * eps)
     else:
-        run_update(_stableadamw_moments, backend, (*tensors, kahan_comps), **betas, eps_sq=eps * eps, accumulate=False)
+        run_update(_stableadamw_moments, backend, moments, **betas, eps_sq=eps * eps, accumulate=False)
         # the gradient buffers now hold g^2 / max(v, eps^2): reduce them to one RMS per tensor
         sums = [TENSOR_OPS.sum(grad) for grad in grads]
     counts = [TENSOR_OPS.numel(grad) for grad in grads]
@@ -210,25 +207,12 @@ def stableadamw(
         [-d if has_decay else 0.0 for d in decays],
     )
     # the fused order updates the moments in this pass ([Note: StableAdamW's two passes])
-    moments = betas if fused else {}
-    run_update(
-        _stableadamw_step, backend, (*tensors, *per_tensor, kahan_comps), eps=eps, has_decay=has_decay, **moments
-    )
+    fused_betas = betas if fused else {}
+    with_lrs = moments._replace(states=(*moments.states, *per_tensor))
+    run_update(_stableadamw_step, backend, with_lrs, eps=eps, has_decay=has_decay, **fused_betas)
 
 
-def _second_moment_(ops: Any, exp_avg_sq: Any, grad: Any, beta2: float | Tensor) -> None:
-    """``v <- beta2 v + (1 - beta2) g^2``."""
-    ops.mul_(exp_avg_sq, beta2)
-    ops.addcmul_(exp_avg_sq, grad, grad, value=1 - beta2)
-
-
-def _moments_(ops: Any, grad: Any, exp_avg: Any, exp_avg_sq: Any, beta1: float | Tensor, beta2: float | Tensor) -> None:
-    """Fold the gradient into both (debiased) moments."""
-    ops.lerp_(exp_avg, grad, 1 - beta1)
-    _second_moment_(ops, exp_avg_sq, grad, beta2)
-
-
-def _rms_terms_(ops: Any, grad: Any, exp_avg_sq: Any, eps_sq: float | Tensor) -> None:
+def _rms_terms_(ops: UpdateOps, grad: Any, exp_avg_sq: Any, eps_sq: float | Tensor) -> None:
     """``g <- g^2 / max(v, eps^2)`` in the gradient buffer: the terms the RMS averages.
 
     The paper's RMS uses the second moment after this step's update.
@@ -238,7 +222,7 @@ def _rms_terms_(ops: Any, grad: Any, exp_avg_sq: Any, eps_sq: float | Tensor) ->
 
 
 def _stableadamw_moments(
-    ops: Any,
+    ops: UpdateOps,
     param: Any,
     grad: Any,
     exp_avg: Any,
@@ -251,13 +235,13 @@ def _stableadamw_moments(
     accumulate: bool,
 ) -> None:
     """First pass (for-loop, foreach): update the moments, leave the RMS terms in the gradient buffer."""
-    _moments_(ops, grad, exp_avg, exp_avg_sq, beta1, beta2)
+    adam_moments_(ops, grad, exp_avg, exp_avg_sq, beta1, beta2)
     if not accumulate:
         _rms_terms_(ops, grad, exp_avg_sq, eps_sq)
 
 
 def _stableadamw_rms_sums(
-    ops: Any,
+    ops: UpdateOps,
     param: Any,
     grad: Any,
     exp_avg: Any,
@@ -274,14 +258,14 @@ def _stableadamw_rms_sums(
     gradient survives for the second pass.
     """
     updated_exp_avg_sq = ops.copy_of(exp_avg_sq)
-    _second_moment_(ops, updated_exp_avg_sq, grad, beta2)
+    second_moment_(ops, updated_exp_avg_sq, grad, beta2)
     terms = ops.copy_of(grad)
     _rms_terms_(ops, terms, updated_exp_avg_sq, eps_sq)
     ops.sum_into_(rms_sum, terms)
 
 
 def _stableadamw_step(
-    ops: Any,
+    ops: UpdateOps,
     param: Any,
     grad: Any,
     exp_avg: Any,
@@ -303,11 +287,9 @@ def _stableadamw_step(
     for-loop and foreach order) the first pass already updated them.
     """
     if beta1 is not None and beta2 is not None:
-        _moments_(ops, grad, exp_avg, exp_avg_sq, beta1, beta2)
-    # the gradient is dead from here on: build the denominator in its buffer
-    denom = ops.scratch(grad)
-    ops.sqrt_into_(denom, exp_avg_sq)
-    ops.add_scalar_(denom, eps)
+        adam_moments_(ops, grad, exp_avg, exp_avg_sq, beta1, beta2)
+    # the gradient is dead from here on: build the denominator in its buffer (the betas debias)
+    denom = adam_denominator_(ops, grad, exp_avg_sq, eps)
 
     target = update_target(param, kahan_comp)
     if has_decay:

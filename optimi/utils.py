@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from optimi._ops import LOW_PRECISION_DTYPES
+
 __all__ = ["param_groups_weight_decay", "to_low_precision"]
 
 
@@ -45,7 +47,7 @@ def param_groups_weight_decay(
 def to_low_precision(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Cast ``model``'s floating-point parameters and buffers to ``dtype`` in place (pure
     low-precision training, where optimi's Kahan summation replaces an fp32 master copy)."""
-    if dtype not in (torch.bfloat16, torch.float16):
+    if dtype not in LOW_PRECISION_DTYPES:
         raise ValueError(f"Invalid dtype: {dtype} (must be torch.bfloat16 or torch.float16)")
     for tensor in list(model.parameters()) + list(model.buffers()):
         if tensor.is_floating_point():

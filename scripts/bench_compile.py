@@ -36,7 +36,7 @@ def worker(out: Path) -> None:
     import torch
 
     import optimi
-    from optimi import _fused
+    from optimi._fused import dispatch
 
     torch.set_num_threads(1 if "LOCAL_RANK" in os.environ else 2)
     seconds = {}
@@ -45,11 +45,11 @@ def worker(out: Path) -> None:
         optimizer = optimi.AdamW(params, lr=1e-3, fused=True)
         for p in params:
             p.grad = torch.randn_like(p)
-        before = set(_fused._COMPILED)
+        before = set(dispatch.COMPILED)
         start = time.perf_counter()
         optimizer.step()
         wall = time.perf_counter() - start
-        compiled = [_fused._COMPILED[key] for key in set(_fused._COMPILED) - before]
+        compiled = [dispatch.COMPILED[key] for key in set(dispatch.COMPILED) - before]
         seconds[str(dtype).removeprefix("torch.")] = {
             "compile_s": sum(step.compile_seconds for step in compiled),
             "first_step_s": wall,

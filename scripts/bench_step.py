@@ -176,7 +176,7 @@ def _stepping_with_switch_off(optimizer: torch.optim.Optimizer, switch: str, bef
 def without_packed_pairs(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """``optimizer`` stepping with the plain fused CPU kernel instead of the packed bf16 one.
 
-    See [Note: packed bf16 columns] in ``optimi/_fused.py``: both give the same bits.
+    See [Note: packed bf16 columns] in ``optimi/_fused/``: both give the same bits.
     """
     return _stepping_with_switch_off(optimizer, "packed_pairs")
 
@@ -184,7 +184,7 @@ def without_packed_pairs(optimizer: torch.optim.Optimizer) -> torch.optim.Optimi
 def without_hoisting(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """``optimizer`` stepping with CPU kernels as Inductor generated them, scalars in the loop.
 
-    See [Note: hoisting the hyperparameters] in ``optimi/_cpp_hoist.py``: both give the same bits.
+    See [Note: hoisting the hyperparameters] in ``optimi/_fused/cpp_rewrites.py``: both give the same bits.
     Inductor's in-memory module cache is cleared before its first step, so that step builds its
     kernels afresh instead of reusing the rewritten ones (the on-disk caches are off unless
     ``--warm-cache``).
@@ -327,9 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare_packing:
         # time the packed kernel itself, even where the fused backend's speed check would keep the
         # plain one ([Note: packed bf16 columns])
-        from optimi import _fused
+        from optimi._fused import compilation
 
-        _fused._PACKED_SPEED_CHECKED = True
+        compilation._PACKED_SPEED_CHECKED = True
     if not args.warm_cache:
         import torch._inductor.config as inductor_config
 

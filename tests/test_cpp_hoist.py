@@ -6,7 +6,7 @@ against un-rewritten ones in ``tests/test_fused.py``.
 
 from __future__ import annotations
 
-from optimi._cpp_hoist import hoist_invariant_scalars
+from optimi._fused.cpp_rewrites import hoist_invariant_scalars
 
 KERNEL = """
 #include "cpp_prefix.h"

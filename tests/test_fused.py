@@ -1,4 +1,4 @@
-"""The fused backend (``optimi/_fused.py``) against the for-loop backend, for every optimizer.
+"""The fused backend (``optimi/_fused/``) against the for-loop backend, for every optimizer.
 
 Both run the same update rule, so the fused step must reproduce the for-loop step: fp32 to 1e-6
 relative over a whole training run, bf16 within one ulp on at least 99.9% of the elements of
@@ -14,8 +14,9 @@ import torch
 from torch._dynamo.utils import counters
 
 import optimi
-from optimi import _fused, _torch_internals
-from optimi._fused import compiled_configurations
+from optimi import _torch_internals
+from optimi._columns import Columns
+from optimi._fused import compilation, compiled_configurations, dispatch, packing
 from tests.cases import (
     OPTIMIZERS,
     SHAPES,
@@ -31,7 +32,7 @@ from tests.cases import (
 pytestmark = pytest.mark.skipif(not hasattr(torch, "compile"), reason="the fused backend needs torch.compile")
 
 #: an odd length (5, 7) keeps a bf16 row off the packed int32-pair kernel, so the bf16 cases run
-#: both CPU kernels ([Note: packed bf16 columns] in ``optimi/_fused.py``)
+#: both CPU kernels ([Note: packed bf16 columns] in ``optimi/_fused/``)
 FUSED_SHAPES = [shape for shape in SHAPES if torch.Size(shape).numel() > 1] + [(5, 7)]
 FP32_TOLERANCE = 1e-6
 #: rules that round an intermediate in the (bf16) gradient buffer before a state reads it: Adam and
@@ -53,7 +54,7 @@ def restore_tricks(monkeypatch):
     """
     _torch_internals.enabled("direct_calls")
     saved, status = dict(_torch_internals._ENABLED), dict(_torch_internals._STATUS)
-    monkeypatch.setattr(_fused, "_PACKED_SPEED_CHECKED", True)
+    monkeypatch.setattr(compilation, "_PACKED_SPEED_CHECKED", True)
     yield
     _torch_internals._ENABLED.update(saved)
     _torch_internals._STATUS.clear()
@@ -77,7 +78,7 @@ def ulp_distance(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     The ulp is taken at the larger magnitude of the two values, but at no less than 1/8 of the
     tensor's RMS: where an update cancels to nearly zero (``m + (1 - beta) (g - m)`` with
     ``g ~ -m``), a single rounding of an intermediate is judged at the scale of its operands,
-    not of the tiny result (see [Note: fused numerics] in ``optimi/_fused.py``).
+    not of the tiny result (see [Note: fused numerics] in ``optimi/_fused/``).
     """
     floor = expected.double().pow(2).mean().sqrt() / 8
     magnitude = torch.maximum(actual.abs(), expected.abs()).clamp_min(floor).clamp_min(torch.finfo(dtype).tiny)
@@ -216,8 +217,8 @@ def test_pack_unpack_round_trip_keeps_every_bit():
             special_words | (special_words.roll(1) << 16),
         ]
     )
-    even, odd = _fused._unpack(words)
-    assert torch.equal(_fused._pack(even, odd), words)
+    even, odd = packing.unpack(words)
+    assert torch.equal(packing.pack(even, odd), words)
     as_bf16 = words.view(torch.bfloat16)
     assert torch.equal(even.view(torch.int32), as_bf16[0::2].float().view(torch.int32))
     assert torch.equal(odd.view(torch.int32), as_bf16[1::2].float().view(torch.int32))
@@ -232,8 +233,8 @@ def state_tensors(optimizer: optimi.OptimiOptimizer, params: list[torch.Tensor])
 @pytest.mark.parametrize("spec", OPTIMIZERS, ids=spec_id)
 def test_packed_bf16_pairs_equal_plain_fused_kernel(spec, monkeypatch):
     """The int32-pair kernel gives the plain fused kernel's bits: parameters, states, Kahan buffers."""
-    results, word_views, flat = [], [], _fused._flat
-    monkeypatch.setattr(_fused, "_flat", lambda t, packed=False: word_views.append(packed) or flat(t, packed))
+    results, word_views, flat = [], [], dispatch._flat
+    monkeypatch.setattr(dispatch, "_flat", lambda t, packed=False: word_views.append(packed) or flat(t, packed))
     for packed in (True, False):
         tricks(monkeypatch, packed_pairs=packed)
         word_views.clear()
@@ -257,17 +258,17 @@ def test_packed_kernel_that_fails_to_compile_falls_back_to_the_plain_kernel(monk
 
     results = []
     for broken in (True, False):
-        monkeypatch.setattr(_fused, "_COMPILED", {})
-        monkeypatch.setattr(_fused, "_PACKING_FAILED", set())
+        monkeypatch.setattr(dispatch, "COMPILED", {})
+        monkeypatch.setattr(dispatch, "PACKING_FAILED", set())
         tricks(monkeypatch, packed_pairs=broken)
         if broken:
-            monkeypatch.setattr(_fused, "_unpack", unsupported)
+            monkeypatch.setattr(packing, "unpack", unsupported)
         params = params_on("cpu", torch.bfloat16)
         optimizer = optimi.AdamW(params, lr=1e-2, weight_decay=0.1, fused=True)
         if broken:
             with pytest.warns(RuntimeWarning, match="packed bf16 fused kernel failed"):
                 train_on(optimizer, params, 1e-2, steps=1)
-            assert len(_fused._PACKING_FAILED) == 1
+            assert len(dispatch.PACKING_FAILED) == 1
         else:
             train_on(optimizer, params, 1e-2, steps=1)
         train_on(optimizer, params, 1e-2, steps=3)  # no second warning, same fallback
@@ -395,7 +396,7 @@ def test_fused_under_gradient_release_matches_step_loop():
 
 
 def dynamo_calls() -> int:
-    return sum(step.dynamo_calls for step in _fused._COMPILED.values())
+    return sum(step.dynamo_calls for step in dispatch.COMPILED.values())
 
 
 def check_direct_calls_equal_dynamo(spec, dtype: torch.dtype, device: str, monkeypatch) -> None:
@@ -413,7 +414,7 @@ def check_direct_calls_equal_dynamo(spec, dtype: torch.dtype, device: str, monke
         # calls the captured graph itself
         with monkeypatch.context() as patch:
             if not direct:
-                patch.setattr(_fused._CompiledStep, "direct_call", lambda self, scalars, columns: None)
+                patch.setattr(compilation.CompiledStep, "direct_call", lambda self, scalars, columns: None)
             params = [p.detach().to(device).requires_grad_() for p in make_params(dtype, shapes=shapes)]
             optimizer = spec.optimi_cls(params, lr=spec.lr, fused=True, **spec.kwargs)
             train_on(optimizer, params, spec.lr, steps=2)
@@ -435,25 +436,17 @@ def test_direct_graph_calls_equal_dynamo_dispatch(spec, dtype, monkeypatch):
     check_direct_calls_equal_dynamo(spec, dtype, "cpu", monkeypatch)
 
 
-def test_a_callable_switch_keeps_dynamo_dispatch():
-    """A callable among the scalars runs eagerly between graphs, so the step never skips Dynamo."""
-    seen = []
-
-    def record(value: torch.Tensor) -> torch.Tensor:
-        seen.append(float(value))
-        return value
+def test_a_callable_scalar_is_refused():
+    """A rule's scalars are numbers (runtime inputs) or ``bool``/``None``/``str`` switches, never callables."""
 
     def update(ops, param, grad, kahan_comp, *, lr, scale):
         ops.mul_(grad, scale(lr))
         ops.sub_(param, grad)
 
     param, grad = torch.ones(64), torch.full((64,), 0.5)
-    for step in range(3):
-        _fused.run_fused(update, [[param], [grad.clone()], [None]], dict(lr=0.1 * (step + 1), scale=record))
-    assert seen == pytest.approx([0.1, 0.2, 0.3])
-    assert torch.allclose(param, torch.full((64,), 1 - 0.5 * (0.1 + 0.2 + 0.3)))
-    (step,) = [s for key, s in _fused._COMPILED.items() if key[1] is update]
-    assert step.direct is None and step.dynamo_calls == 3
+    with pytest.raises(TypeError, match="scale"):
+        dispatch.run_fused(update, Columns([param], [grad], (), [None]), dict(lr=0.1, scale=abs))
+    assert torch.equal(param, torch.ones(64))
 
 
 def test_flat_views_follow_a_parameter_whose_data_is_replaced():
@@ -484,13 +477,13 @@ def run_compiled_afresh(spec, dtype: torch.dtype, monkeypatch, count: str, **swi
     from torch._inductor.codecache import PyCodeCache
 
     tricks(monkeypatch, **switches)
-    monkeypatch.setattr(_fused, "_COMPILED", {})
+    monkeypatch.setattr(dispatch, "COMPILED", {})
     PyCodeCache.cache_clear()
     params = params_on("cpu", dtype)
     optimizer = spec.optimi_cls(params, lr=spec.lr, fused=True, **spec.kwargs)
     with inductor_config.patch(fx_graph_cache=False):
         train_on(optimizer, params, spec.lr, steps=4)
-    return state_tensors(optimizer, params), sum(getattr(step, count) for step in _fused._COMPILED.values())
+    return state_tensors(optimizer, params), sum(getattr(step, count) for step in dispatch.COMPILED.values())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -499,7 +492,7 @@ def test_hoisted_scalars_give_the_generated_kernels_bits(spec, dtype, monkeypatc
     """CPU kernels with their hyperparameter arithmetic hoisted out of the loop give the same bits.
 
     One run builds the kernels as Inductor generated them and the other the rewritten ones
-    ([Note: hoisting the hyperparameters] in ``optimi/_cpp_hoist.py``); the counts show which is which.
+    ([Note: hoisting the hyperparameters] in ``optimi/_fused/cpp_rewrites.py``); the counts show which is which.
     """
     generated, moved_off = run_compiled_afresh(spec, dtype, monkeypatch, "hoisted_statements", hoist_scalars=False)
     hoisted, moved_on = run_compiled_afresh(spec, dtype, monkeypatch, "hoisted_statements", hoist_scalars=True)
@@ -513,7 +506,7 @@ def test_hoisted_scalars_give_the_generated_kernels_bits(spec, dtype, monkeypatc
 def test_vector_bitcasts_give_the_generated_kernels_bits(spec, monkeypatch):
     """Packed bf16 kernels with their bitcasts done by one store and load give the same bits.
 
-    See [Note: bitcasts without the stack] in ``optimi/_cpp_hoist.py``.
+    See [Note: bitcasts without the stack] in ``optimi/_fused/cpp_rewrites.py``.
     """
     count, dtype = "rewritten_bitcasts", torch.bfloat16
     generated, off = run_compiled_afresh(spec, dtype, monkeypatch, count, vector_bitcasts=False, packed_pairs=True)
@@ -533,9 +526,9 @@ def test_a_rewritten_kernel_that_fails_to_build_falls_back_to_the_generated_one(
 
     results = []
     for rewrite in (None, broken):
-        monkeypatch.setattr(_fused, "_COMPILED", {})
+        monkeypatch.setattr(dispatch, "COMPILED", {})
         if rewrite is not None:
-            monkeypatch.setattr(_fused, "hoist_invariant_scalars", rewrite)
+            monkeypatch.setattr(compilation, "hoist_invariant_scalars", rewrite)
         PyCodeCache.cache_clear()
         params = params_on("cpu", torch.float32)
         optimizer = optimi.AdamW(params, lr=1e-2, weight_decay=0.1, fused=True)
@@ -545,7 +538,7 @@ def test_a_rewritten_kernel_that_fails_to_build_falls_back_to_the_generated_one(
             else:
                 with pytest.warns(RuntimeWarning, match="rewritten by .*failed to build"):
                     train_on(optimizer, params, 1e-2, steps=2)
-                assert sum(step.hoisted_statements for step in _fused._COMPILED.values()) == 0
+                assert sum(step.hoisted_statements for step in dispatch.COMPILED.values()) == 0
         results.append(state_tensors(optimizer, params))
     for expected, actual in zip(*results):
         assert torch.equal(expected, actual)

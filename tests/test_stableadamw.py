@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optimi._kernels import TENSOR_OPS
+from optimi._ops import TENSOR_OPS
 from optimi.stableadamw import _stableadamw_moments, _stableadamw_rms_sums, stableadamw
 from tests.cases import synthetic_grad
 

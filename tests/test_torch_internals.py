@@ -18,6 +18,7 @@ import torch
 
 import optimi
 from optimi import _fused, _torch_internals, optimizer
+from optimi._fused import compilation, dispatch, packing
 from tests.cases import OPTIMIZERS
 from tests.test_fused import params_on, restore_tricks, spec_id, state_tensors, train_on, tricks  # noqa: F401
 
@@ -30,9 +31,9 @@ IN_TESTED_RANGE = OLDEST <= _torch_internals.torch_version() <= NEWEST
 @pytest.fixture
 def fresh_fused(monkeypatch):
     """Empty compiled-step and fallback tables, restored afterwards."""
-    monkeypatch.setattr(_fused, "_COMPILED", {})
-    monkeypatch.setattr(_fused, "_PACKING_FAILED", set())
-    monkeypatch.setattr(_fused, "_FELL_BACK", {})
+    monkeypatch.setattr(dispatch, "COMPILED", {})
+    monkeypatch.setattr(dispatch, "PACKING_FAILED", set())
+    monkeypatch.setattr(dispatch, "FELL_BACK", {})
 
 
 @pytest.fixture
@@ -116,7 +117,7 @@ def test_every_trick_engages_and_passes_its_self_check(spec, fresh_fused, monkey
             train_on(opt, params, spec.lr, steps=2)
     assert runtime_warnings(caught) == []
     assert set(_torch_internals.report().values()) == {"engaged"}
-    steps = _fused._COMPILED.values()
+    steps = dispatch.COMPILED.values()
     assert all(step.direct is not None for step in steps if step.capture)
     assert any(step.packed for step in steps) and sum(step.hoisted_statements for step in steps) > 0
 
@@ -126,7 +127,7 @@ def test_every_trick_engages_and_passes_its_self_check(spec, fresh_fused, monkey
 
 def test_a_direct_call_that_disagrees_with_dynamo_is_switched_off(fresh_fused, monkeypatch):
     """A captured graph that writes the wrong bits is caught before it touches a real tensor."""
-    real = _fused.compile_capturing_graphs
+    real = compilation.compile_capturing_graphs
 
     def capture_a_graph_that_writes_nothing(graph, example_inputs, options):
         compiled, plan, _ = real(graph, example_inputs, options)
@@ -134,8 +135,8 @@ def test_a_direct_call_that_disagrees_with_dynamo_is_switched_off(fresh_fused, m
 
     tricks(monkeypatch, direct_calls=True)
     expected = run(optimi.AdamW, torch.float32, fused=True)
-    monkeypatch.setattr(_fused, "_COMPILED", {})
-    monkeypatch.setattr(_fused, "compile_capturing_graphs", capture_a_graph_that_writes_nothing)
+    monkeypatch.setattr(dispatch, "COMPILED", {})
+    monkeypatch.setattr(compilation, "compile_capturing_graphs", capture_a_graph_that_writes_nothing)
     with pytest.warns(RuntimeWarning, match="'direct_calls' optimization failed its self-check"):
         actual = run(optimi.AdamW, torch.float32, fused=True)
     assert not _torch_internals.enabled("direct_calls")
@@ -148,15 +149,15 @@ def test_a_packed_kernel_that_disagrees_with_its_rule_runs_the_plain_kernel(fres
     """A packed kernel that stores wrong halves is caught on a scratch row; the plain kernel runs."""
     tricks(monkeypatch, packed_pairs=False)
     expected = run(optimi.AdamW, torch.bfloat16, fused=True)
-    monkeypatch.setattr(_fused, "_COMPILED", {})
+    monkeypatch.setattr(dispatch, "COMPILED", {})
     tricks(monkeypatch, packed_pairs=True)
-    real_pack = _fused._pack
+    real_pack = packing.pack
 
     def pack_losing_odd_halves(even, odd):
         # only while compiling: the eager run of the rule keeps the real packing
         return real_pack(even, torch.zeros_like(odd) if torch.compiler.is_compiling() else odd)
 
-    monkeypatch.setattr(_fused, "_pack", pack_losing_odd_halves)
+    monkeypatch.setattr(packing, "pack", pack_losing_odd_halves)
     with pytest.warns(RuntimeWarning, match="'packed_pairs' optimization failed its self-check"):
         actual = run(optimi.AdamW, torch.bfloat16, fused=True)
     assert not _torch_internals.enabled("packed_pairs")
@@ -168,24 +169,24 @@ def test_packed_kernels_are_kept_only_where_they_are_faster(fresh_fused, monkeyp
     """The once-per-process speed check keeps the plain kernel where packed pairs run slower."""
     tricks(monkeypatch, packed_pairs=False)
     expected = run(optimi.AdamW, torch.bfloat16, fused=True)
-    monkeypatch.setattr(_fused, "_COMPILED", {})
+    monkeypatch.setattr(dispatch, "COMPILED", {})
     tricks(monkeypatch, packed_pairs=True)
-    monkeypatch.setattr(_fused, "_PACKED_SPEED_CHECKED", False)
-    monkeypatch.setattr(_fused, "_SPEED_CHECK_WORDS", 1 << 12)
-    real_run = _fused._CompiledStep._run_compiled
+    monkeypatch.setattr(compilation, "_PACKED_SPEED_CHECKED", False)
+    monkeypatch.setattr(compilation, "_SPEED_CHECK_WORDS", 1 << 12)
+    real_run = compilation.CompiledStep._run_compiled
 
     def packed_runs_slowly(self, *args):
         time.sleep(0.005)
         return real_run(self, *args)
 
     # the speed check runs the packed kernel through _run_compiled, the plain one through __call__
-    monkeypatch.setattr(_fused._CompiledStep, "_run_compiled", packed_runs_slowly)
+    monkeypatch.setattr(compilation.CompiledStep, "_run_compiled", packed_runs_slowly)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         actual = run(optimi.AdamW, torch.bfloat16, fused=True)
     assert runtime_warnings(caught) == []  # a slower kernel is a choice, not a failure
     assert _torch_internals.report()["packed_pairs"].startswith("off: slower than the plain kernel")
-    assert not any(step.packed and step.dynamo_calls > 1 for step in _fused._COMPILED.values())
+    assert not any(step.packed and step.dynamo_calls > 1 for step in dispatch.COMPILED.values())
     for a, b in zip(expected, actual):
         assert torch.equal(a.view(torch.int16), b.view(torch.int16))
 

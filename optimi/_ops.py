@@ -1,73 +1,127 @@
-"""Shared update building blocks used by every optimi optimizer.
+"""The tensor primitives that optimi's update rules are written against.
 
 [Note: one update rule, three backends]
 Each optimizer writes its update rule exactly once, as a function whose first argument is an
-``ops`` namespace. The same function runs
+``ops`` object satisfying :class:`UpdateOps`. The same function runs
 
 * per tensor (the for-loop backend) with :data:`TENSOR_OPS`, where every argument is one tensor,
 * over a whole bucket of tensors (the foreach backend) with :data:`FOREACH_OPS`, where every
   tensor argument is a list and each primitive is a ``torch._foreach_*`` kernel,
-* under ``torch.compile`` as one fused pass per tensor (the fused backend), again per tensor.
+* under ``torch.compile`` as one fused pass per tensor (the fused backend, ``optimi._fused``),
+  with its ``FusedOps``, again per tensor.
 
 So the three paths cannot drift apart: they execute the same sequence of primitives. Scalars
 (learning rate, betas, ...) are Python floats or 0-d tensors; Python ``bool``/``None`` arguments
 select the structure of the update (weight-decay mode, Kahan summation, accumulation) and are
-fixed for a given configuration.
+fixed for a given configuration. The rule receives its tensors by role (``optimi._columns``).
 
 [Note: the gradient is a scratch buffer]
 Temporaries reuse the gradient buffer instead of allocating (``ops.scratch(grads)``), which is
 why an optimi step may overwrite ``p.grad``. Once the gradient's last use has passed, the update
 rule is free to write into it.
-
-[Note: Kahan summation]
-A bf16 parameter cannot absorb an update much smaller than its unit in the last place: the add
-rounds back to the old value and the update is lost. Kahan summation keeps a compensation buffer
-``c`` (same dtype as the parameter) holding what previous adds lost. The update ``u`` is added
-into ``c`` first, then ``p_new = p + c`` is rounded into the parameter and ``c`` keeps the part
-that rounding dropped: ``c = c - (p_new - p)``. ``p_new - p`` is exact in floating point because
-the two values are close, so over many steps no update is lost.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Callable, Sequence
-from contextvars import ContextVar
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 __all__ = [
-    "TENSOR_OPS",
     "FOREACH_OPS",
-    "TensorOps",
+    "LOW_PRECISION_DTYPES",
+    "TENSOR_OPS",
     "ForeachOps",
-    "update_target",
-    "decoupled_decay_",
-    "kahan_apply_",
-    "finish_update_",
-    "bias_correction",
-    "weight_decay_terms",
-    "bucket_by_device_dtype",
-    "run_update",
+    "TensorOps",
+    "UpdateOps",
     "sum_dtype",
-    "FALLBACK_BACKEND",
 ]
 
-#: the backend that steps a fused configuration whose compile failed, set by the optimizer while it
-#: steps a group for which it chose the fused backend itself; ``None`` (an explicit ``fused=True``,
-#: or a functional call with ``backend="fused"``) raises ``FusedCompileError`` instead ([Note:
-#: falling back from the fused backend] in ``_fused.py``)
-FALLBACK_BACKEND: ContextVar[str | None] = ContextVar("optimi_fused_fallback", default=None)
-
-
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
+#: the dtypes whose parameters get Kahan summation and whose arithmetic runs in float32
+LOW_PRECISION_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def sum_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a sum over a tensor of ``dtype`` accumulates in: float64 for float64, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@runtime_checkable
+class UpdateOps(Protocol):
+    """What an update rule may call on its ``ops`` ([Note: one update rule, three backends]).
+
+    ``X`` below is one tensor (for-loop, fused) or a list of tensors (foreach); a scalar is a
+    Python float or a 0-d tensor (foreach: also one scalar per tensor). Methods ending in ``_``
+    write their first argument and return it. ``tests/test_ops.py`` checks that every ops class
+    has exactly these methods, with these parameter names, and that they compute the same values.
+    """
+
+    def scratch(self, grad: Any) -> Any:
+        """A buffer shaped like ``grad`` that the update may overwrite (the gradient itself)."""
+
+    def copy_(self, dst: Any, src: Any) -> Any:
+        """``dst = src``."""
+
+    def add_(self, x: Any, y: Any, alpha: Any = 1.0) -> Any:
+        """``x += alpha * y``."""
+
+    def add_scalar_(self, x: Any, value: Any) -> Any:
+        """``x += value``."""
+
+    def sub_(self, x: Any, y: Any) -> Any:
+        """``x -= y``."""
+
+    def mul_(self, x: Any, value: Any) -> Any:
+        """``x *= value`` for a scalar ``value``."""
+
+    def div_(self, x: Any, value: Any) -> Any:
+        """``x /= value`` for a scalar ``value``."""
+
+    def mul_tensor_(self, x: Any, y: Any) -> Any:
+        """``x *= y`` elementwise."""
+
+    def div_tensor_(self, x: Any, y: Any) -> Any:
+        """``x /= y`` elementwise."""
+
+    def lerp_(self, x: Any, y: Any, weight: Any) -> Any:
+        """``x += weight * (y - x)``."""
+
+    def addcmul_(self, x: Any, a: Any, b: Any, value: Any = 1.0) -> Any:
+        """``x += value * a * b``."""
+
+    def addcdiv_(self, x: Any, a: Any, b: Any, value: Any = 1.0) -> Any:
+        """``x += value * a / b``."""
+
+    def sqrt_(self, x: Any) -> Any:
+        """``x = sqrt(x)``."""
+
+    def sqrt_into_(self, dst: Any, src: Any) -> Any:
+        """``dst = sqrt(src)`` in one pass."""
+
+    def sign_(self, x: Any) -> Any:
+        """``x = sign(x)``."""
+
+    def abs_(self, x: Any) -> Any:
+        """``x = |x|``."""
+
+    def clamp_min_(self, x: Any, value: Any) -> Any:
+        """``x = max(x, value)``."""
+
+    def clamp_min(self, x: Any, value: Any) -> Any:
+        """``max(x, value)`` as a new tensor (``x`` is left unchanged)."""
+
+    def sum(self, x: Any) -> Any:
+        """Sum of all elements, accumulated in float32 or wider (a 0-d tensor per tensor)."""
+
+    def numel(self, x: Any) -> Any:
+        """Number of elements (per tensor)."""
+
+    def copy_of(self, x: Any) -> Any:
+        """A new tensor holding ``x``'s values (inside a compiled kernel: registers, not memory)."""
+
+    def sum_into_(self, out: Any, x: Any) -> Any:
+        """``out = sum(x)``, accumulated as :meth:`sum` accumulates, for a 0-d or 1-element ``out``."""
 
 
 class TensorOps:
@@ -188,8 +242,8 @@ class ForeachOps:
     """
 
     @staticmethod
-    def scratch(grads: list[Tensor]) -> list[Tensor]:
-        return grads
+    def scratch(grad: list[Tensor]) -> list[Tensor]:
+        return grad
 
     @staticmethod
     def copy_(dst: list[Tensor], src: list[Tensor]) -> list[Tensor]:
@@ -220,7 +274,7 @@ class ForeachOps:
 
     @staticmethod
     def mul_(x: list[Tensor], value: Any) -> list[Tensor]:
-        if x and x[0].device.type == "cpu" and x[0].dtype in _LOW_PRECISION:
+        if x and x[0].device.type == "cpu" and x[0].dtype in LOW_PRECISION_DTYPES:
             # the CPU Scalar and ScalarList overloads round the factor to bf16 first (beta2=0.99
             # becomes 0.98828125); 0-d tensors multiply in fp32 like Tensor.mul_
             if isinstance(value, float):
@@ -319,119 +373,3 @@ class ForeachOps:
 
 TENSOR_OPS = TensorOps()
 FOREACH_OPS = ForeachOps()
-
-
-def update_target(param: Any, kahan_comp: Any) -> Any:
-    """Where the update is added: the Kahan buffer when compensating, else the parameter itself.
-
-    Under Kahan summation every contribution to ``p`` (the optimizer's step and decoupled weight
-    decay) is first summed into the compensation buffer and applied by :func:`finish_update_`.
-    """
-    return param if kahan_comp is None else kahan_comp
-
-
-def decoupled_decay_(ops: Any, param: Any, kahan_comp: Any, factor: float | Tensor) -> None:
-    """Decoupled weight decay ``p <- p * (1 - factor)``, compensated under Kahan summation."""
-    if kahan_comp is None:
-        ops.mul_(param, 1 - factor)
-    else:
-        # the decay of a bf16 weight is mostly below its ulp: sum it with the update instead
-        ops.add_(kahan_comp, param, alpha=-factor)
-
-
-def kahan_apply_(ops: Any, param: Any, kahan_comp: Any, scratch: Any) -> None:
-    """``p <- p + c`` and ``c <- c - (p_new - p_old)`` (see [Note: Kahan summation]).
-
-    ``scratch`` is a dead buffer shaped like ``param`` (the gradient), overwritten here.
-    """
-    ops.copy_(scratch, param)
-    ops.add_(param, kahan_comp)
-    ops.sub_(scratch, param)  # p_old - p_new, exact because the two are close
-    ops.add_(kahan_comp, scratch)
-
-
-def finish_update_(ops: Any, param: Any, kahan_comp: Any, scratch: Any) -> None:
-    """Complete an update summed with :func:`update_target`: a no-op without Kahan."""
-    if kahan_comp is not None:
-        kahan_apply_(ops, param, kahan_comp, scratch)
-
-
-def bias_correction(beta: float, step: int) -> float:
-    """Adam's debias denominator ``1 - beta**step``."""
-    return 1 - beta**step
-
-
-def weight_decay_terms(
-    *,
-    lr: float,
-    weight_decay: float,
-    decouple_wd: bool,
-    decouple_lr: bool,
-    max_lr: float | None,
-) -> tuple[float | None, float | None]:
-    """Split weight decay into its L2 and decoupled parts for one step.
-
-    Returns ``(l2, decay)``: ``l2`` is added to the gradient as ``g += l2 * p``; ``decay`` scales
-    the parameter as ``p *= 1 - decay``. At most one of them is not ``None``.
-
-    * L2 (default): ``l2 = weight_decay``.
-    * decoupled (``decouple_wd``): ``decay = lr * weight_decay``.
-    * fully decoupled (``decouple_lr``): ``decay = (lr / max_lr) * weight_decay``, so decay no
-      longer scales with the peak learning rate, only with the schedule.
-    """
-    if weight_decay == 0:
-        return None, None
-    if decouple_lr:
-        if not max_lr:
-            raise ValueError(f"max_lr must be > 0 for fully decoupled weight decay, got {max_lr}")
-        return None, lr / max_lr * weight_decay
-    if decouple_wd:
-        return None, lr * weight_decay
-    return weight_decay, None
-
-
-def bucket_by_device_dtype(
-    tensor_lists: Sequence[Sequence[Any]],
-) -> list[list[list[Any] | None]]:
-    """Split parallel lists into foreach buckets sharing device, dtype and Kahan on/off.
-
-    ``tensor_lists[0]`` are the parameters and the last list holds the Kahan buffers (``None``
-    entries for parameters without one). A bucket's Kahan list is ``None`` when none has one.
-    """
-    buckets: dict[tuple, list[list[Any]]] = defaultdict(lambda: [[] for _ in tensor_lists])
-    for i, param in enumerate(tensor_lists[0]):
-        key = (param.device, param.dtype, tensor_lists[-1][i] is not None)
-        for column, tensors in zip(buckets[key], tensor_lists):
-            column.append(tensors[i])
-    result = []
-    for (_, _, has_kahan), columns in buckets.items():
-        if not has_kahan:
-            columns[-1] = None
-        result.append(columns)
-    return result
-
-
-def run_update(
-    update: Callable[..., None],
-    backend: str,
-    tensor_lists: Sequence[Sequence[Any]],
-    **scalars: Any,
-) -> None:
-    """Run an optimizer's update rule on a parameter group with the chosen backend.
-
-    ``update(ops, *tensors, **scalars)`` is the optimizer's single definition of its math (see
-    [Note: one update rule, three backends]). ``tensor_lists`` are parallel lists: parameters
-    first, Kahan buffers last.
-    """
-    if backend == "for_loop":
-        for tensors in zip(*tensor_lists):
-            update(TENSOR_OPS, *tensors, **scalars)
-    elif backend == "foreach":
-        for bucket in bucket_by_device_dtype(tensor_lists):
-            update(FOREACH_OPS, *bucket, **scalars)
-    elif backend == "fused":
-        from optimi._fused import run_fused
-
-        run_fused(update, tensor_lists, scalars)
-    else:
-        raise ValueError(f"unknown backend {backend!r}: expected 'for_loop', 'foreach' or 'fused'")

@@ -114,7 +114,7 @@ def hoist_invariant_scalars(source: str) -> tuple[str, int]:
 
 # [Note: bitcasts without the stack]
 # Inductor writes a vector bitcast (``tensor.view(torch.float32)`` of int32 words, which the packed
-# bf16 kernel does for every element, [Note: packed bf16 columns] in ``_fused.py``) as a lambda
+# bf16 kernel does for every element, [Note: packed bf16 columns] in ``packing.py``) as a lambda
 # that stores the vector to a stack array, converts it element by element in a scalar loop, and
 # loads the result from a second array. Whether that costs anything depends on the compiler and
 # the CPU: GCC folds the loop where it vectorizes it, but torch 2.15 builds with

@@ -1,0 +1,44 @@
+"""``run_update``: one update rule, run by the backend chosen for a param group.
+
+The for-loop and foreach backends live here (they only loop: the rule's primitives are
+:class:`~optimi._ops.TensorOps` and :class:`~optimi._ops.ForeachOps`); the fused backend is the
+package ``optimi._fused``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from optimi._columns import Columns
+from optimi._fused import run_fused
+from optimi._ops import FOREACH_OPS, TENSOR_OPS
+
+__all__ = ["run_eager", "run_update"]
+
+
+def run_update(update: Callable[..., None], backend: str, columns: Columns, **scalars: Any) -> None:
+    """Run an optimizer's update rule on a parameter group with the chosen backend.
+
+    ``update(ops, param, grad, *states, kahan, **scalars)`` is the optimizer's single definition of
+    its math ([Note: one update rule, three backends] in ``_ops.py``); ``columns`` hold its tensors
+    by role, as lists over the group.
+    """
+    if backend in ("for_loop", "foreach"):
+        run_eager(update, backend, columns, scalars)
+    elif backend == "fused":
+        # rows the fused backend hands back: strided ones, and those whose compile failed
+        for other_backend, rows in run_fused(update, columns, scalars).items():
+            run_eager(update, other_backend, columns.select(rows), scalars)
+    else:
+        raise ValueError(f"unknown backend {backend!r}: expected 'for_loop', 'foreach' or 'fused'")
+
+
+def run_eager(update: Callable[..., None], backend: str, columns: Columns, scalars: dict[str, Any]) -> None:
+    """Step ``columns`` with the for-loop (one tensor at a time) or foreach (one bucket at a time) backend."""
+    if backend == "foreach":
+        for bucket in columns.buckets():
+            update(FOREACH_OPS, *bucket.arguments(), **scalars)
+    else:
+        for row in columns.rows():
+            update(TENSOR_OPS, *row.arguments(), **scalars)
