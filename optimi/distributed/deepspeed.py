@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from optimi.distributed.memory import TensorBytes, register_memory_accountant
+from optimi.stableadamw import StableAdamW
 
 __all__ = ["DeepSpeedSetup", "prepare_config", "initialize", "deepspeed_rank_memory", "count_engine_tensors"]
 
@@ -301,10 +302,6 @@ def _needs_whole_tensors(optimizer: torch.optim.Optimizer) -> bool:
     """
     if getattr(optimizer, "needs_whole_tensors", False):
         return True
-    try:
-        from optimi.stableadamw import StableAdamW
-    except ImportError:
-        return False
     return isinstance(optimizer, StableAdamW)
 
 
