@@ -171,17 +171,18 @@ _DISTRIBUTED_REASONS = {
 def installer_for(kind: str) -> ReleaseInstaller:
     """The installer registered for ``kind``, importing ``optimi.distributed`` for a distributed kind.
 
-    [Note: the single lazy import of optimi.distributed]
-    This module never imports ``optimi.distributed`` at module level: ``optimi.distributed`` imports
-    this module (the registry, the checks, :func:`release_step`), so that would be an import cycle,
-    and single-process users would pay for torch.distributed. The DDP and FSDP2 installers register
-    themselves when ``optimi.distributed`` is imported; this is the one place that imports it, the
-    first time a distributed model is met. Where it cannot be imported, a distributed model is
-    refused with ``NotImplementedError``, never given plain hooks.
+    The DDP and FSDP2 installers register themselves when ``optimi.distributed`` is imported, and
+    this is the single deliberate place where gradient release imports it, lazily, the first time
+    it meets a distributed model ([Note: the single lazy import] in ``optimi/optimizer.py``): at
+    module level it would be an import cycle, since ``optimi.distributed`` imports this module (the
+    registry, the checks, :func:`release_step`), and single-process users would pay for
+    torch.distributed. Where it cannot be imported, a distributed model is refused with
+    ``NotImplementedError``, never given plain hooks.
     """
     if kind not in _INSTALLERS:
         try:
-            import optimi.distributed  # noqa: F401 (imported for its side effect: registering the installers)
+            # [Note: the single lazy import]: imported for its side effect, registering the installers
+            import optimi.distributed  # noqa: F401
         except ImportError as error:
             # only a missing optimi.distributed means "not implemented"; any other import error is a real bug
             if error.name is not None and not error.name.startswith("optimi.distributed"):
