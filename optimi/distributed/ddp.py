@@ -7,23 +7,39 @@ post-accumulate-grad release hook would run *before* that, on the local, un-aver
 and the replicas would silently diverge. So optimi registers a communication hook instead which,
 for every bucket, in backward:
 
-1. divides the bucket by the world size and all-reduces it (the average, as DDP's default);
-   the call waits for the result, so the step below reads reduced values (on CUDA the wait is a
-   stream dependency, not a host sync);
-2. steps each of the bucket's parameters with its view of the averaged bucket
-   (``optimi.gradient_release.release_step``), folding it into the optimizer state only while
-   ``optimizer.optimizer_accumulation`` is set, and drops each parameter's ``.grad``;
-3. returns the bucket. The reducer is told that the optimizer runs in backward
-   (``reducer._set_optimizer_in_backward()``), so at the end of backward it neither copies the
-   bucket back into ``.grad`` (``gradient_as_bucket_view=False``) nor re-points ``.grad`` at the
-   bucket (``gradient_as_bucket_view=True``). Without that, the step's scratch use of the bucket
-   would come back as a stale gradient that the next backward accumulates into and that would be
-   applied a second time.
+1. divides the bucket by the world size and starts an asynchronous all-reduce of it (the average,
+   as DDP's default hook), then returns at once, so autograd goes on computing the gradients of the
+   earlier layers while the bucket is being reduced;
+2. when the all-reduce completes, a callback chained on its future (``Future.then``, torch's
+   "hook then optimizer" pattern) steps each of the bucket's parameters with its view of the
+   averaged bucket (``optimi.gradient_release.release_step``), folding it into the optimizer state
+   only while ``optimizer.optimizer_accumulation`` is set, and drops each parameter's ``.grad``;
+3. the chained future, which DDP waits for at the end of backward, returns the bucket. The reducer
+   is told that the optimizer runs in backward (``reducer._set_optimizer_in_backward()``), so at the
+   end of backward it neither copies the bucket back into ``.grad`` (``gradient_as_bucket_view=False``)
+   nor re-points ``.grad`` at the bucket (``gradient_as_bucket_view=True``). Without that, the
+   step's scratch use of the bucket would come back as a stale gradient that the next backward
+   accumulates into and that would be applied a second time.
+
+Where the callback runs: with gloo the all-reduce completes on one of the process group's worker
+threads, and the callback runs there, while the main thread continues backward; the callbacks of
+one model take a lock, because the gloo workers may complete two buckets at once and the optimizer
+(its group index, the fused backend's compile cache) is not thread-safe. Each callback enters
+``torch.no_grad()`` itself, since grad mode is per thread. With NCCL the future completes as soon
+as the all-reduce is enqueued and the callback runs at once on the host, with a current stream that
+waits for the all-reduce (``Future.then``'s contract for CUDA tensors): the step's kernels are
+ordered after the reduction on the device, the host never blocks, and the step may overlap the
+rest of backward on the device. When DDP waits for the returned future at the end of backward, the
+backward's stream waits for the step's kernels. A parameter's bucket is ready only after autograd
+has finished every use of that parameter in this backward, so stepping it concurrently with the
+rest of backward reads and writes nothing that backward still needs.
 
 Every replica steps the same parameters with bit-identical averaged buckets and identical state,
-so the replicas stay bit-identical. The bucket buffers themselves belong to DDP and stay allocated
-(one gradient-sized buffer per replica, as in normal DDP); what release saves is the separate
-``.grad`` tensors (with ``gradient_as_bucket_view=False``) and the optimizer's peak.
+so the replicas stay bit-identical, and the results are those of waiting for each all-reduce
+(what this hook did before, kept as the benchmark's baseline: ``_DDPReleaseState.wait_for_all_reduce``).
+The bucket buffers themselves belong to DDP and stay allocated (one gradient-sized buffer per
+replica, as in normal DDP); what release saves is the separate ``.grad`` tensors (with
+``gradient_as_bucket_view=False``) and the optimizer's peak.
 
 ``no_sync()`` skips step 1 and would let gradients pile up locally without any step, so a forward
 under ``no_sync()`` raises while release is active: for accumulation keep syncing and set
@@ -40,12 +56,15 @@ default (average, then ``.grad`` = the averaged gradient: a view of the bucket w
 A model with a user-registered communication hook cannot be prepared. With
 ``find_unused_parameters=True`` a globally unused parameter arrives as zeros in its bucket and is
 stepped with a zero gradient (momentum and weight decay still act), where normal DDP would leave its
-``.grad`` untouched.
+``.grad`` untouched. An error in a step (for example accumulation with plain SGD) is raised by
+``backward()`` when DDP waits for the bucket's future, as a ``RuntimeError`` whose message carries
+the original error ("Got the following error when running the callback: ValueError: ...").
 """
 
 # no `from __future__ import annotations`: DDP checks the comm hook's annotations at runtime
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -80,6 +99,12 @@ class _DDPReleaseState:
     gradient_as_bucket_view: bool
     #: release on (step + free) or off (behave like DDP's default averaging all-reduce)
     active: bool = True
+    #: wait for each all-reduce inside the hook and step there, as this hook did before it chained
+    #: the step on the all-reduce's future; same results, no overlap. Only
+    #: ``scripts/bench_ddp_release.py`` sets it, to measure what the overlap gains
+    wait_for_all_reduce: bool = False
+    #: held by each bucket's step callback: two gloo worker threads may complete buckets at once
+    step_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class _ReleaseSwitch:
@@ -137,27 +162,39 @@ register_release_installer(
 
 @torch.no_grad()
 def _release_comm_hook(state: _DDPReleaseState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
-    """All-reduce (average) one bucket, then step its parameters and free their gradients."""
+    """Average one bucket with an asynchronous all-reduce and chain its parameters' steps on it.
+
+    See [Note: what happens when under DDP].
+    """
     buffer = bucket.buffer()
     buffer.div_(dist.get_world_size(state.process_group))
-    # blocking, so that the step reads the reduced bucket (see [Note: what happens when under DDP])
-    dist.all_reduce(buffer, group=state.process_group)
+    reduced = dist.all_reduce(buffer, group=state.process_group, async_op=True).get_future()
+    if state.wait_for_all_reduce:
+        reduced.wait()  # then `then` below runs the callback inline, here
+    # read now, in the hook: what release does with this bucket is decided when DDP hands it over
+    active, optimizer = state.active, state.optimizer
     params = bucket.parameters()
     grads = bucket.gradients()  # views of `buffer`, shaped like the parameters
-    if state.active:
-        for param, grad in zip(params, grads):
-            release_step(state.optimizer, param, grad)
-    else:
-        for param, grad in zip(params, grads):
-            if state.gradient_as_bucket_view:
-                param.grad = grad
-            elif param.grad is None:
-                param.grad = grad.clone()
+
+    def step_bucket(all_reduce: torch.futures.Future[list[Tensor]]) -> Tensor:
+        # value() re-raises a failed all-reduce instead of stepping on an unreduced bucket
+        all_reduce.value()
+        # this runs on a gloo worker thread or, with NCCL, inline: grad mode is per thread
+        with state.step_lock, torch.no_grad():
+            if active:
+                for param, grad in zip(params, grads):
+                    release_step(optimizer, param, grad)
             else:
-                param.grad.copy_(grad)
-    future: torch.futures.Future[Tensor] = torch.futures.Future()
-    future.set_result(buffer)
-    return future
+                for param, grad in zip(params, grads):
+                    if state.gradient_as_bucket_view:
+                        param.grad = grad
+                    elif param.grad is None:
+                        param.grad = grad.clone()
+                    else:
+                        param.grad.copy_(grad)
+        return buffer
+
+    return reduced.then(step_bucket)
 
 
 def _refuse_no_sync(module: nn.Module, args: Any) -> None:
