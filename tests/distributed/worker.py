@@ -269,12 +269,12 @@ def scenario_fsdp() -> dict[str, Any]:
             "ref_param_bytes": sum(t.numel() * t.element_size() for t in ref.values()),
         }
         if case.kwargs.get("fused"):
-            from optimi import _fused
+            from optimi._fused import dispatch
 
             # the compiled kernels really ran (a strided shard would have taken the eager rule),
             # and which of them skipped Dynamo after their first call
-            entry["fused_steps"] = len(_fused._COMPILED)
-            entry["direct_steps"] = sum(step.direct is not None for step in _fused._COMPILED.values())
+            entry["fused_steps"] = len(dispatch.COMPILED)
+            entry["direct_steps"] = sum(step.direct is not None for step in dispatch.COMPILED.values())
         if release:
             remove_gradient_release(model)
             entry["release_flag_after_remove"] = opt._gradient_release_active
