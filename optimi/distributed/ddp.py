@@ -7,13 +7,15 @@ post-accumulate-grad release hook would run *before* that, on the local, un-aver
 and the replicas would silently diverge. So optimi registers a communication hook instead which,
 for every bucket, in backward:
 
-1. divides the bucket by the world size and starts an asynchronous all-reduce of it (the average,
-   as DDP's default hook), then returns at once, so autograd goes on computing the gradients of the
-   earlier layers while the bucket is being reduced;
+1. divides the bucket by the world size, starts an asynchronous all-reduce of it (the average, as
+   DDP's default hook) and drops each of its parameters' ``.grad``: the bucket holds a copy of it
+   (or ``.grad`` is a view of the bucket), so gradients are freed as early as when the hook waited
+   for the all-reduce. Then it returns at once, so autograd goes on computing the earlier layers'
+   gradients while the bucket is being reduced;
 2. when the all-reduce completes, a callback chained on its future (``Future.then``, torch's
    "hook then optimizer" pattern) steps each of the bucket's parameters with its view of the
    averaged bucket (``optimi.gradient_release.release_step``), folding it into the optimizer state
-   only while ``optimizer.optimizer_accumulation`` is set, and drops each parameter's ``.grad``;
+   only while ``optimizer.optimizer_accumulation`` is set;
 3. the chained future, which DDP waits for at the end of backward, returns the bucket. The reducer
    is told that the optimizer runs in backward (``reducer._set_optimizer_in_backward()``), so at the
    end of backward it neither copies the bucket back into ``.grad`` (``gradient_as_bucket_view=False``)
@@ -175,6 +177,12 @@ def _release_comm_hook(state: _DDPReleaseState, bucket: dist.GradBucket) -> torc
     active, optimizer = state.active, state.optimizer
     params = bucket.parameters()
     grads = bucket.gradients()  # views of `buffer`, shaped like the parameters
+    if active:
+        # the bucket holds the gradients now (DDP copied them in, or .grad is a view of it): drop
+        # .grad here, when autograd hands the bucket over, not when the all-reduce completes, so
+        # that overlapping keeps no more gradients alive than stepping inside the hook did
+        for param in params:
+            param.grad = None
 
     def step_bucket(all_reduce: torch.futures.Future[list[Tensor]]) -> Tensor:
         # value() re-raises a failed all-reduce instead of stepping on an unreduced bucket
