@@ -15,12 +15,14 @@ from optimi._ops import FOREACH_OPS, TENSOR_OPS, ForeachOps, TensorOps, UpdateOp
 
 PACKAGE = Path(__file__).resolve().parent.parent / "optimi"
 
-#: the imports of optimi modules that run inside a function rather than at import time, each
-#: with its reason. [Note: the single lazy import] in ``optimi/optimizer.py``: single-process code
-#: reaches ``optimi.distributed`` only when it meets a sharded parameter or a distributed model,
-#: so that ``import optimi`` never imports ``torch.distributed``'s machinery.
+#: the imports of optimi modules that run inside a function rather than at import time: one
+#: deliberate import, [Note: the single lazy import] in ``optimi/optimizer.py``, made where the
+#: single-process code first meets a sharded parameter (the optimizer's step) or a distributed
+#: model (gradient release's installer registry). ``optimi.distributed`` builds on those modules,
+#: so importing it at their module level would be a cycle.
 ALLOWED_LAZY_IMPORTS = {
     ("optimi.optimizer", "optimi.distributed"),
+    ("optimi.gradient_release", "optimi.distributed"),
 }
 
 
