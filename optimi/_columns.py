@@ -10,7 +10,7 @@ backend mistake a state for the gradient or the Kahan buffer.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 __all__ = ["Columns"]
@@ -38,15 +38,6 @@ class Columns(NamedTuple):
     def from_arguments(cls, arguments: Sequence[Any]) -> Columns:
         """The inverse of :meth:`arguments`."""
         return cls(arguments[0], arguments[1], tuple(arguments[2:-1]), arguments[-1])
-
-    def rows(self) -> Iterator[Columns]:
-        """One :class:`Columns` per parameter, each holding single tensors (or numbers)."""
-        for i in range(len(self.param)):
-            yield self.row(i)
-
-    def row(self, i: int) -> Columns:
-        """Parameter ``i``'s tensors."""
-        return Columns(self.param[i], self.grad[i], tuple(s[i] for s in self.states), self.kahan[i])
 
     def select(self, indices: Sequence[int]) -> Columns:
         """The columns of the parameters at ``indices``, as lists."""
