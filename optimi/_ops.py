@@ -172,6 +172,8 @@ class TensorOps:
     @staticmethod
     def lerp_(x: Tensor, y: Tensor, weight: float | Tensor) -> Tensor:
         """``x += weight * (y - x)``."""
+        if y.dtype != x.dtype:  # a float32 master towards bf16 slow weights: lerp needs one dtype
+            y = y.to(x.dtype)
         return x.lerp_(y, weight)
 
     @staticmethod
@@ -306,6 +308,9 @@ class ForeachOps:
             delta = torch._foreach_sub(y, x)
             torch._foreach_mul_(delta, list(weight))
             torch._foreach_add_(x, delta)
+        elif x and y[0].dtype != x[0].dtype:  # see TensorOps.lerp_
+            for xi, yi in zip(x, y):
+                TensorOps.lerp_(xi, yi, weight)
         else:
             torch._foreach_lerp_(x, y, weight)
         return x

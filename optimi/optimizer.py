@@ -19,6 +19,14 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from optimi._fused import FALLBACK_BACKEND
+from optimi._low_precision import (
+    LOW_PRECISION_MODES,
+    MASTER_MODES,
+    master_from_remainder,
+    split_master_,
+    stochastic_round_,
+    stream_key,
+)
 from optimi._ops import LOW_PRECISION_DTYPES
 from optimi._torch_internals import dynamo_supported
 
@@ -36,6 +44,11 @@ SHARED_ARGS_DOC = """\
         kahan_sum: Kahan-compensated parameter updates. ``None`` enables it for bf16/fp16
             parameters, ``True`` forces it for them, ``False`` disables it. fp32 parameters never
             use it (default: None).
+        low_precision: How a bf16/fp16 parameter absorbs updates below its last place:
+            ``"kahan"`` (a compensation buffer), ``"stochastic"`` (unbiased stochastic rounding,
+            no extra memory), ``"remainder"`` (bf16 only: an int16 state holds the rest of an exact
+            fp32 master) or ``"nearest"`` (round to nearest). ``None`` follows ``kahan_sum``:
+            ``"kahan"`` unless ``kahan_sum=False``. fp32 parameters ignore it (default: None).
         foreach: Use the foreach implementation (``torch._foreach_*`` over each parameter group,
             temporaries reuse the gradient buffer, so ``p.grad`` may be overwritten). ``None``
             chooses the fastest measured backend for the device (default: None).
@@ -81,6 +94,18 @@ def check_betas(betas: Any, count: int) -> None:
         raise ValueError(f"Invalid betas: {betas!r} (must be a tuple of {count} numbers in [0, 1))")
     for i, beta in enumerate(betas):
         check_range(f"betas[{i}]", beta, 0.0, 1.0)
+
+
+def check_low_precision(mode: Any, kahan_sum: Any) -> None:
+    """``low_precision`` is ``None`` or a mode, and does not contradict ``kahan_sum``."""
+    if mode is not None and mode not in LOW_PRECISION_MODES:
+        allowed = ", ".join(map(repr, LOW_PRECISION_MODES))
+        raise ValueError(f"Invalid low_precision: {mode!r} (must be None or one of {allowed})")
+    if mode is not None and kahan_sum is not None and mode != ("kahan" if kahan_sum else "nearest"):
+        raise ValueError(
+            f"Invalid low_precision: {mode!r} contradicts kahan_sum={kahan_sum} (which means "
+            f"low_precision={'kahan' if kahan_sum else 'nearest'!r}); pass only one of them"
+        )
 
 
 def _triton_available() -> bool:
@@ -165,6 +190,9 @@ class OptimiOptimizer(Optimizer):
             raise ValueError("triton=True needs a CUDA device with Triton installed; use fused=True or leave it None")
         if defaults.get("kahan_sum") not in (None, True, False):
             raise ValueError(f"Invalid kahan_sum: {defaults['kahan_sum']!r} (must be None, True or False)")
+        defaults.setdefault("low_precision", None)
+        # the seed of stochastic rounding's random bits, per param group (saved in state_dict)
+        defaults.setdefault("rounding_seed", 0)
         self._validate_group(defaults)
         self.optimizer_accumulation: bool = False
         # set by optimi.prepare_for_gradient_release while its hooks are installed
@@ -181,6 +209,7 @@ class OptimiOptimizer(Optimizer):
         """Raise ``ValueError`` for an out-of-range hyperparameter of ``group``."""
         check_range("lr", group["lr"], 0.0)
         check_range("weight_decay", group["weight_decay"], 0.0)
+        check_low_precision(group.get("low_precision"), group.get("kahan_sum"))
         if group.get("max_lr") is not None:
             check_range("max_lr", group["max_lr"], 0.0, low_inclusive=False)
 
@@ -210,10 +239,42 @@ class OptimiOptimizer(Optimizer):
         if group.get("max_lr", "absent") is None:
             group["max_lr"] = group["lr"]
         group.setdefault("step", 0)
+        if group["low_precision"] == "remainder" and any(p.dtype == torch.float16 for p in group["params"]):
+            raise ValueError(
+                "Invalid low_precision: 'remainder' needs bf16 parameters, and this group has fp16 ones. A bf16 "
+                "value is the upper half of a float32, so bf16 + int16 hold an exact float32 master; fp16 is not. "
+                "Use 'kahan' or 'stochastic' for fp16 parameters"
+            )
+
+    def low_precision_of(self, param: Tensor, group: dict[str, Any]) -> str | None:
+        """``param``'s low-precision mode ([Note: low-precision update modes]); ``None`` for fp32/fp64."""
+        if param.dtype not in LOW_PRECISION_DTYPES:
+            return None
+        mode = group.get("low_precision")
+        if mode is None:
+            return "nearest" if group["kahan_sum"] is False else "kahan"
+        return mode
 
     def uses_kahan(self, param: Tensor, group: dict[str, Any]) -> bool:
-        """Whether ``param`` gets a Kahan compensation buffer: bf16/fp16 unless disabled."""
-        return param.dtype in LOW_PRECISION_DTYPES and group["kahan_sum"] is not False
+        """Whether ``param`` gets a Kahan compensation buffer: bf16/fp16 in ``"kahan"`` mode."""
+        return self.low_precision_of(param, group) == "kahan"
+
+    @torch.no_grad()
+    def master_param(self, param: Tensor) -> Tensor:
+        """The float32 value the optimizer steps for ``param`` (a new tensor).
+
+        ``"remainder"``: the exact float32 master (bf16 parameter + int16 remainder); ``"kahan"``:
+        ``p + c``, the parameter plus its compensation; otherwise the parameter itself. Use it to
+        export float32 weights at the end of a low-precision run.
+        """
+        group = self.group_of(param)
+        state = self.state.get(param, {})
+        mode = self.low_precision_of(param, group)
+        if mode == "remainder" and "remainder" in state:
+            return master_from_remainder(param.detach(), state["remainder"])
+        if mode == "kahan" and "kahan_comp" in state:
+            return param.detach().float() + state["kahan_comp"].float()
+        return param.detach().float() if param.dtype != torch.float32 else param.detach().clone()
 
     def backend_for(self, group: dict[str, Any], device: torch.device) -> str:
         """The backend that steps ``group``'s parameters on ``device``."""
@@ -243,8 +304,12 @@ class OptimiOptimizer(Optimizer):
         state = self.state[param]
         if not state:
             self._init_state(param, group, state)
-            if self.uses_kahan(param, group):
+            mode = self.low_precision_of(param, group)
+            if mode == "kahan":
                 state["kahan_comp"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            elif mode == "remainder":
+                # the low 16 bits of the float32 master; zero: the master is the parameter's value
+                state["remainder"] = torch.zeros_like(param, dtype=torch.int16, memory_format=torch.preserve_format)
             # per-parameter micro-step count; debiasing uses it under gradient release only
             state["step"] = 0
         return state
@@ -373,9 +438,82 @@ class OptimiOptimizer(Optimizer):
 
                 step_local(self, group, params, grads, states, step=step, accumulate=accumulate, backend=backend)
             else:
-                self._step_group(group, params, grads, states, step=step, accumulate=accumulate, backend=backend)
+                self._step_in_precision(group, params, grads, states, step=step, accumulate=accumulate, backend=backend)
         finally:
             FALLBACK_BACKEND.reset(token)
+
+    def _step_in_precision(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Any]],
+        *,
+        step: int,
+        accumulate: bool,
+        backend: str,
+        first_indices: list[int] | None = None,
+    ) -> None:
+        """``_step_group``, stepping ``"stochastic"``/``"remainder"`` parameters through a float32 master.
+
+        See [Note: low-precision update modes] in ``_low_precision.py``. Those parameters are
+        stepped one at a time, so the float32 temporary never exceeds one parameter; the others
+        (and every parameter while accumulating, which leaves the weights alone) in one call.
+        ``first_indices`` are the parameters' offsets in their whole tensors (shards: non-zero),
+        which stochastic rounding hashes.
+        """
+        if accumulate or group.get("low_precision") not in MASTER_MODES:
+            self._step_group(group, params, grads, states, step=step, accumulate=accumulate, backend=backend)
+            return
+        mode = group["low_precision"]
+        direct = [i for i, p in enumerate(params) if p.dtype not in LOW_PRECISION_DTYPES]
+        if direct:
+            self._step_group(
+                group,
+                [params[i] for i in direct],
+                [grads[i] for i in direct],
+                [states[i] for i in direct],
+                step=step,
+                accumulate=accumulate,
+                backend=backend,
+            )
+        for i, (param, grad, state) in enumerate(zip(params, grads, states)):
+            if param.dtype not in LOW_PRECISION_DTYPES:
+                continue
+            if not param.is_contiguous():
+                raise ValueError(f"low_precision={mode!r} needs contiguous parameters")
+            if mode == "remainder":
+                master = master_from_remainder(param, state["remainder"])
+            else:
+                master = param.float()
+            self._step_group(group, [master], [grad], [state], step=step, accumulate=False, backend=backend)
+            if mode == "remainder":
+                split_master_(param, state["remainder"], master)
+            else:
+                key = stream_key(group["rounding_seed"], state["step"])
+                stochastic_round_(param, master, key=key, first_index=first_indices[i] if first_indices else 0)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, keeping the int16 remainders exact.
+
+        torch casts every floating-point parameter's state tensors to the parameter's dtype when
+        loading, which would turn a ``"remainder"`` state into bf16; the remainders are set aside
+        and restored as they were saved (on the parameter's device).
+        """
+        saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
+        position = {index: i for i, index in enumerate(saved_ids)}
+        remainders = {}
+        state = {}
+        for index, entry in state_dict["state"].items():
+            if isinstance(entry, dict) and "remainder" in entry:
+                remainders[index] = entry["remainder"]
+                entry = {key: value for key, value in entry.items() if key != "remainder"}
+            state[index] = entry
+        super().load_state_dict({**state_dict, "state": state})
+        params = [param for group in self.param_groups for param in group["params"]]
+        for index, remainder in remainders.items():
+            param = params[position[index]]
+            self.state[param]["remainder"] = remainder.to(device=param.device)
 
     def set_gradient_release_active(self, active: bool) -> None:
         """Mark gradient release hooks as installed (``True``) or removed (``False``).

@@ -37,6 +37,7 @@ __all__ = [
     "is_dtensor",
     "local",
     "local_nbytes",
+    "first_element_index",
     "full_tensor",
     "shard_groups",
     "step_local",
@@ -81,6 +82,32 @@ def shard_groups(tensor: Tensor) -> tuple[dist.ProcessGroup, ...]:
         return ()
     mesh = tensor.device_mesh
     return tuple(mesh.get_group(dim) for dim, placement in enumerate(tensor.placements) if placement.is_shard())
+
+
+def first_element_index(tensor: Tensor) -> int:
+    """Where this rank's local shard of ``tensor`` starts in the whole tensor's row-major order.
+
+    FSDP2 (and HSDP) shard dimension 0 over one mesh dimension the way ``torch.chunk`` splits it:
+    ``ceil(rows / ranks)`` rows per rank, so the local elements are one contiguous block of the
+    whole tensor. A plain or replicated tensor starts at 0. Other layouts (several sharded mesh
+    dimensions, a sharded dimension other than 0) raise ``NotImplementedError``.
+    """
+    if not isinstance(tensor, DTensor):
+        return 0
+    sharded = [(dim, placement) for dim, placement in enumerate(tensor.placements) if placement.is_shard()]
+    if not sharded:
+        return 0
+    if len(sharded) > 1 or sharded[0][1].dim != 0:
+        raise NotImplementedError(
+            f"stochastic rounding on a DTensor sharded as {tensor.placements}: only Shard(0) on one mesh "
+            "dimension (FSDP2, HSDP) is supported"
+        )
+    mesh_dim = sharded[0][0]
+    rows = tensor.shape[0]
+    ranks = tensor.device_mesh.size(mesh_dim)
+    rows_per_rank = -(-rows // ranks)
+    start_row = min(tensor.device_mesh.get_local_rank(mesh_dim) * rows_per_rank, rows)
+    return start_row * (tensor.numel() // rows if rows else 0)
 
 
 def _wrap_like(local_tensor: Tensor, param: DTensor) -> DTensor:
@@ -170,9 +197,18 @@ def step_local(
     local_states = [_local_state(s) for s in states]
     previous = getattr(optimizer, "_reduce_sums", None)
     optimizer._reduce_sums = make_reduce_sums(params) if any(shard_groups(p) for p in params) else None
+    # stochastic rounding hashes each element's index in the whole tensor: a shard starts further in
+    first_indices = [first_element_index(p) for p in params] if group.get("low_precision") == "stochastic" else None
     try:
-        optimizer._step_group(
-            group, local_params, local_grads, local_states, step=step, accumulate=accumulate, backend=backend
+        optimizer._step_in_precision(
+            group,
+            local_params,
+            local_grads,
+            local_states,
+            step=step,
+            accumulate=accumulate,
+            backend=backend,
+            first_indices=first_indices,
         )
     finally:
         optimizer._reduce_sums = previous

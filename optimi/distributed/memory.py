@@ -51,8 +51,8 @@ class TensorBytes:
     grads: int
     #: every tensor in the optimizer state (moments, slow weights, Kahan buffers)
     optimizer_states: int
-    #: the Kahan compensation buffers alone (state keys ending in ``_comp``; included in
-    #: ``optimizer_states``)
+    #: the Kahan compensation buffers and int16 remainders alone (state keys ending in ``_comp``, and
+    #: ``remainder``; included in ``optimizer_states``)
     kahan: int
     #: number of parameter elements this rank holds
     param_numel: int
@@ -73,7 +73,8 @@ class RankMemory:
     grads_peak: int | None
     #: every tensor of the optimizer state: moments, slow weights and Kahan buffers
     optimizer_states: int
-    #: the Kahan compensation buffers alone (included in ``optimizer_states``)
+    #: the Kahan compensation buffers and ``low_precision="remainder"`` remainders alone (included
+    #: in ``optimizer_states``)
     kahan: int
     #: number of parameter elements this rank holds (for bytes per parameter)
     param_numel: int
@@ -171,7 +172,9 @@ def count_tensors(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> 
                 if isinstance(value, Tensor):
                     nbytes = local_nbytes(value)
                     state_bytes += nbytes
-                    if key.endswith("_comp"):  # kahan_comp, and Ranger's slow-weight slow_comp
+                    # kahan_comp, Ranger's slow-weight slow_comp, and the int16 remainder of a
+                    # low_precision="remainder" master: the bytes that keep low-precision updates
+                    if key.endswith("_comp") or key == "remainder":
                         kahan_bytes += nbytes
     return TensorBytes(
         params=param_bytes,
