@@ -217,3 +217,33 @@ def test_fsdp2_explicit_fused_compile_failure_raises(fused_fallback):
     for rank in fused_fallback:
         assert rank["explicit_error"] is not None and "fused=True" in rank["explicit_error"]
         assert rank["explicit_unchanged"]
+
+
+@pytest.fixture(scope="module")
+def low_precision() -> list[dict[str, Any]]:
+    return run_ranks("low_precision")
+
+
+@pytest.mark.parametrize("mode", ["step", "release"])
+def test_ddp_stochastic_rounding_keeps_replicas_bit_identical(low_precision, mode):
+    """20 steps: the random bits hash (seed, step, index), never a per-process RNG state."""
+    assert all(rank[f"ddp_stochastic_identical/{mode}"] for rank in low_precision)
+
+
+def test_fsdp2_shards_draw_the_bits_of_the_whole_tensor(low_precision):
+    assert all(rank["fsdp_shards_draw_the_whole_tensors_bits"] for rank in low_precision)
+
+
+@pytest.mark.parametrize("mode", ["stochastic", "remainder"])
+@pytest.mark.parametrize("release", ["step", "release"])
+def test_fsdp2_low_precision_modes_track_one_process(low_precision, mode, release):
+    """bf16 after 7 steps: the sharded gradients round differently, so agreement is to about a bf16 ulp."""
+    for rank in low_precision:
+        assert rank[f"fsdp_{mode}/{release}"] < BF16_RTOL
+
+
+@pytest.mark.parametrize("release", ["step", "release"])
+def test_fsdp2_remainder_state_is_sharded_int16_and_checkpoints(low_precision, release):
+    for rank in low_precision:
+        assert rank[f"fsdp_remainder/{release}/remainder_sharded"]
+        assert rank[f"fsdp_remainder/{release}/dcp"]

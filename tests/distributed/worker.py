@@ -355,11 +355,12 @@ def dcp_round_trip(model: nn.Module, opt: Any) -> bool:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-    x = torch.randn(4, 12)
-    nn.functional.mse_loss(model(x), torch.zeros(4, 7)).backward()  # one release step: non-zero state
-    before = {
-        id(p): {k: v.full_tensor().clone() for k, v in s.items() if isinstance(v, Tensor)} for p, s in opt.state.items()
-    }
+    from optimi.distributed._dtensor import local
+
+    x = torch.randn(4, 12).to(next(model.parameters()).dtype)
+    nn.functional.mse_loss(model(x).float(), torch.zeros(4, 7)).backward()  # one release step: non-zero state
+    # each rank compares its own shards (gloo cannot all-gather an int16 remainder)
+    before = {id(p): {k: local(v).clone() for k, v in s.items() if isinstance(v, Tensor)} for p, s in opt.state.items()}
     path = [tempfile.mkdtemp(prefix="optimi-dcp-") if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(path)
     dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=path[0])
@@ -370,7 +371,7 @@ def dcp_round_trip(model: nn.Module, opt: Any) -> bool:
     loaded = {"optim": get_optimizer_state_dict(model, opt)}
     dcp.load(loaded, checkpoint_id=path[0])
     set_optimizer_state_dict(model, opt, loaded["optim"])
-    return all(torch.equal(opt.state[p][k].full_tensor(), v) for p in opt.state for k, v in before[id(p)].items())
+    return all(torch.equal(local(opt.state[p][k]), v) for p in opt.state for k, v in before[id(p)].items())
 
 
 # -- DDP ------------------------------------------------------------------------------------------
@@ -562,7 +563,63 @@ def scenario_fused_fallback() -> dict[str, Any]:
     return results
 
 
+def scenario_low_precision() -> dict[str, Any]:
+    """Stochastic rounding and remainder masters on DDP and FSDP2 ([Note: low-precision update modes])."""
+    from optimi._low_precision import stochastic_round_, stream_key
+    from optimi.distributed._dtensor import first_element_index, local
+
+    results: dict[str, Any] = {}
+    rows = my_rows()
+    init = fresh_init(torch.bfloat16)
+    data = make_data(20, 1, torch.bfloat16)
+    # DDP: every replica draws the same random bits, so the replicas stay bit-identical
+    for release in (False, True):
+        model = ddp_net(init, torch.bfloat16)
+        opt = optimi.AdamW(model.parameters(), lr=1e-3, low_precision="stochastic", gradient_release=release)
+        if release:
+            optimi.prepare_for_gradient_release(model, opt)
+        train(model, opt, data, rows=rows, release=release)
+        results[f"ddp_stochastic_identical/{'release' if release else 'step'}"] = replicas_identical(model)
+    # FSDP2: a shard draws the bits the whole tensor would (uneven shards included: 7 rows -> 4 + 3)
+    model = sharded_net(init, torch.bfloat16)
+    same_bits = []
+    for param in model.parameters():
+        whole = torch.linspace(-3, 3, param.numel()).reshape(param.shape) * (1 + 2**-10)
+        expected = torch.empty(param.shape, dtype=torch.bfloat16)
+        stochastic_round_(expected, whole.clone(), key=stream_key(3, 5))
+        first, mine = first_element_index(param), local(param.detach())
+        drawn = torch.empty_like(mine)
+        stochastic_round_(drawn, whole.reshape(-1)[first : first + mine.numel()].reshape(mine.shape).clone(),
+                          key=stream_key(3, 5), first_index=first)  # fmt: skip
+        same_bits.append(torch.equal(drawn.reshape(-1), expected.reshape(-1)[first : first + mine.numel()]))
+    results["fsdp_shards_draw_the_whole_tensors_bits"] = all(same_bits)
+    # FSDP2 training in each mode, with and without release, against one process
+    reference_data = make_data(7, 1, torch.bfloat16)
+    for mode in ("stochastic", "remainder"):
+        single = Net().to(torch.bfloat16)
+        single.load_state_dict(init)
+        single_opt = optimi.AdamW(single.parameters(), lr=1e-2, low_precision=mode)
+        train(single, single_opt, reference_data, rows=slice(None), release=False)
+        reference = {k: v.detach().float() for k, v in single.named_parameters()}
+        for release in (False, True):
+            model = sharded_net(init, torch.bfloat16)
+            opt = optimi.AdamW(model.parameters(), lr=1e-2, low_precision=mode, gradient_release=release)
+            if release:
+                optimi.prepare_for_gradient_release(model, opt)
+            train(model, opt, reference_data, rows=rows, release=release)
+            key = f"fsdp_{mode}/{'release' if release else 'step'}"
+            results[key] = rel_err(full_params(model), reference)
+            if mode == "remainder":
+                remainders = [state["remainder"] for state in opt.state.values()]
+                results[key + "/remainder_sharded"] = state_is_sharded_like_params(opt) and all(
+                    r.dtype == torch.int16 for r in remainders
+                )
+                results[key + "/dcp"] = dcp_round_trip(model, opt)
+    return results
+
+
 SCENARIOS = {
+    "low_precision": scenario_low_precision,
     "fsdp": scenario_fsdp,
     "ddp": scenario_ddp,
     "memory": scenario_memory,
