@@ -35,6 +35,8 @@ replicas and resumed runs draw the same bits, and so does every backend.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import Tensor
 
@@ -47,23 +49,47 @@ __all__ = [
     "stochastic_round_",
 ]
 
+# master_from_remainder and split_master_ address a float32's upper and lower halves in memory
+assert sys.byteorder == "little", "optimi's bf16 + int16 masters assume a little-endian machine"
+
 #: the values of ``low_precision``
 LOW_PRECISION_MODES = ("kahan", "stochastic", "remainder", "nearest")
 #: the modes that step a float32 master built for the step
 MASTER_MODES = ("stochastic", "remainder")
 
 _MASK32 = 0xFFFFFFFF
-#: elements per chunk of the hash: its int64 temporaries stay small whatever the tensor's size
-_CHUNK = 1 << 16
+#: elements per chunk of the hash: its temporaries stay small whatever the tensor's size
+_CHUNK = 1 << 18
+#: the hash's multipliers
+_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)
 
 
-def _mix32(x: int | Tensor) -> int | Tensor:
-    """A 32-bit integer hash (xor-shift-multiply rounds), on Python ints or int64 tensors."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _MASK32
+def _mix32(x: int) -> int:
+    """A 32-bit integer hash (xor-shift-multiply rounds) of a Python int in [0, 2**32)."""
+    x ^= x >> 16
+    x = (x * _MULTIPLIERS[0]) & _MASK32
+    x ^= x >> 15
+    x = (x * _MULTIPLIERS[1]) & _MASK32
     return x ^ (x >> 16)
+
+
+def _as_int32(value: int) -> int:
+    """``value`` mod 2**32 as a signed 32-bit integer (the same bits)."""
+    value &= _MASK32
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def _mix32_(x: Tensor, scratch: Tensor) -> Tensor:
+    """:func:`_mix32` in place on an int32 tensor holding the same bits (``scratch``: same shape, overwritten).
+
+    int32 multiplication wraps modulo 2**32 and xor acts on bits, so the results are bit for bit
+    those of the unsigned hash; the right shifts are made logical with a mask (torch shifts int32
+    arithmetically). ``tests/test_low_precision.py`` checks it against :func:`_mix32`.
+    """
+    for shift, mask, multiplier in ((16, 0xFFFF, _MULTIPLIERS[0]), (15, 0x1FFFF, _MULTIPLIERS[1])):
+        x.bitwise_xor_(torch.bitwise_right_shift(x, shift, out=scratch).bitwise_and_(mask))
+        x.mul_(_as_int32(multiplier))
+    return x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=scratch).bitwise_and_(0xFFFF))
 
 
 def stream_key(seed: int, step: int) -> int:
@@ -71,10 +97,29 @@ def stream_key(seed: int, step: int) -> int:
     return _mix32((_mix32(seed & _MASK32) + step * 0x9E3779B9) & _MASK32)
 
 
+class _Bits16:
+    """16 random bits per element (int32 in [0, 2**16)) for chunks of a tensor, under one key.
+
+    Element ``i`` of the whole tensor gets the upper 16 bits of ``_mix32((i + key) mod 2**32)``.
+    The buffers are allocated once per call and reused for every chunk.
+    """
+
+    def __init__(self, key: int, chunk: int, device: torch.device):
+        self.key = key
+        self.counting = torch.arange(chunk, dtype=torch.int32, device=device)
+        self.bits = torch.empty(chunk, dtype=torch.int32, device=device)
+        self.scratch = torch.empty(chunk, dtype=torch.int32, device=device)
+
+    def __call__(self, first_index: int, count: int) -> Tensor:
+        bits, scratch = self.bits[:count], self.scratch[:count]
+        torch.add(self.counting[:count], _as_int32(first_index + self.key), out=bits)
+        _mix32_(bits, scratch)
+        return bits.bitwise_right_shift_(16).bitwise_and_(0xFFFF)
+
+
 def random_bits16(key: int, first_index: int, count: int, device: torch.device) -> Tensor:
     """16 random bits (int32 in [0, 2**16)) for elements ``first_index ..`` of a tensor, under ``key``."""
-    index = torch.arange(first_index, first_index + count, dtype=torch.int64, device=device)
-    return (_mix32((index + key) & _MASK32) >> 16).to(torch.int32)
+    return _Bits16(key, count, device)(first_index, count).clone()
 
 
 def stochastic_round_(param: Tensor, master: Tensor, *, key: int, first_index: int = 0) -> None:
@@ -85,14 +130,18 @@ def stochastic_round_(param: Tensor, master: Tensor, *, key: int, first_index: i
     """
     flat_master = master.reshape(-1)
     flat_param = param.view(-1)
-    for start in range(0, flat_master.numel(), _CHUNK):
+    total = flat_master.numel()
+    random_bits = _Bits16(key, min(_CHUNK, max(total, 1)), flat_master.device)
+    for start in range(0, total, _CHUNK):
         chunk = flat_master[start : start + _CHUNK]
-        bits = random_bits16(key, first_index + start, chunk.numel(), chunk.device)
+        bits = random_bits(first_index + start, chunk.numel())
         if param.dtype == torch.bfloat16:
             words = chunk.view(torch.int32)
-            finite = chunk.isfinite()
-            words.add_(bits * finite)  # inf and NaN keep their bits
-            words.bitwise_right_shift_(16)
+            # inf and NaN (exponent all ones) keep their bits: no carry may turn a NaN into inf
+            scratch = random_bits.scratch[: chunk.numel()]
+            torch.bitwise_and(words, 0x7F800000, out=scratch)
+            bits.masked_fill_(scratch.eq(0x7F800000), 0)
+            words.add_(bits).bitwise_right_shift_(16)
             flat_param[start : start + _CHUNK].view(torch.int16).copy_(words)
         else:
             flat_param[start : start + _CHUNK].copy_(_stochastic_fp16(chunk, bits))
@@ -110,19 +159,33 @@ def _stochastic_fp16(value: Tensor, bits: Tensor) -> Tensor:
     return torch.where((uniform < probability) & value.isfinite(), other, nearest)
 
 
+def _halves(master: Tensor) -> Tensor:
+    """A float32 tensor's memory as (low, high) int16 pairs, one row per element (little-endian)."""
+    return master.view(-1).view(torch.int16).view(-1, 2)
+
+
 def master_from_remainder(param: Tensor, remainder: Tensor) -> Tensor:
-    """The exact float32 master of a bf16 ``param`` and its int16 ``remainder`` (a new tensor)."""
-    words = param.view(torch.int16).to(torch.int32).bitwise_left_shift_(16)
-    return words.add_(remainder).view(torch.float32)
+    """The exact float32 master of a bf16 ``param`` and its int16 ``remainder`` (a new tensor).
+
+    ``bits = (P << 16) + r``: the low half is ``r``'s bits and the high half ``P - (r < 0)``
+    (a negative remainder borrows one from the upper half), written straight into the float32's
+    two halves, without int32 temporaries.
+    """
+    master = torch.empty(param.shape, dtype=torch.float32, device=param.device)
+    halves = _halves(master)
+    flat_remainder = remainder.reshape(-1)
+    halves[:, 0].copy_(flat_remainder)
+    # (r >> 15) is -1 for a negative remainder and 0 otherwise: P + (r >> 15) = P - (r < 0)
+    torch.add(param.reshape(-1).view(torch.int16), flat_remainder.bitwise_right_shift(15), out=halves[:, 1])
+    return master
 
 
 def split_master_(param: Tensor, remainder: Tensor, master: Tensor) -> None:
-    """Store float32 ``master`` as bf16 ``param`` (rounded to nearest) and int16 ``remainder``.
+    """Store float32 ``master`` as bf16 ``param`` (rounded to nearest, ties away) and int16 ``remainder``.
 
-    ``master`` is overwritten.
+    The inverse of :func:`master_from_remainder`: ``r`` is the low half read as int16 and
+    ``P = H + (r < 0)`` (a low half of 0x8000 or more rounds the upper half up).
     """
-    words = master.view(torch.int32)
-    remainder.copy_(words)  # the low 16 bits, as a signed int16
-    words.sub_(remainder)  # (P << 16): exact
-    words.bitwise_right_shift_(16)
-    param.view(torch.int16).copy_(words)
+    halves = _halves(master)
+    remainder.view(-1).copy_(halves[:, 0])
+    torch.add(halves[:, 1], halves[:, 0].lt(0), out=param.view(-1).view(torch.int16))
