@@ -137,11 +137,12 @@ def stochastic_round_(param: Tensor, master: Tensor, *, key: int, first_index: i
         bits = random_bits(first_index + start, chunk.numel())
         if param.dtype == torch.bfloat16:
             words = chunk.view(torch.int32)
-            # inf and NaN (exponent all ones) keep their bits: no carry may turn a NaN into inf
-            scratch = random_bits.scratch[: chunk.numel()]
-            torch.bitwise_and(words, 0x7F800000, out=scratch)
-            bits.masked_fill_(scratch.eq(0x7F800000), 0)
-            words.add_(bits).bitwise_right_shift_(16)
+            # inf and NaN get no random bits (a carry would change their class), and a NaN whose
+            # payload lies only in the dropped bits gets bf16's quiet bit, as .to(bf16) does
+            magnitude = torch.bitwise_and(words, 0x7FFFFFFF, out=random_bits.scratch[: chunk.numel()])
+            bits.masked_fill_(magnitude.ge(0x7F800000), 0)
+            nan = magnitude.gt(0x7F800000)
+            words.add_(bits).bitwise_right_shift_(16).bitwise_or_(nan.to(torch.int32).mul_(0x40))
             flat_param[start : start + _CHUNK].view(torch.int16).copy_(words)
         else:
             flat_param[start : start + _CHUNK].copy_(_stochastic_fp16(chunk, bits))

@@ -213,6 +213,16 @@ def test_stochastic_rounding_is_unbiased():
         assert abs(rounded.float().mean().item() - value) < 5 * ulp / 2 / (1 << 9)
 
 
+def test_stochastic_rounding_keeps_inf_and_nan():
+    """Random bits added to an inf or NaN never carry into another class (a NaN with a low payload included)."""
+    master = torch.tensor([float("inf"), float("-inf"), float("nan"), 1.0] * 1000)
+    master.view(torch.int32)[3::4] = 0x7F800001  # a NaN whose payload lies in the dropped bits
+    rounded = torch.empty(master.shape, dtype=torch.bfloat16)
+    stochastic_round_(rounded, master.clone(), key=stream_key(0, 1))
+    assert torch.equal(rounded[0::4].float(), master[0::4]) and torch.equal(rounded[1::4].float(), master[1::4])
+    assert rounded[2::4].isnan().all() and rounded[3::4].isnan().all()
+
+
 def test_stochastic_rounding_of_fp16_is_unbiased():
     value = 1.0 + 2**-13
     master = torch.full((1 << 18,), value)
@@ -220,6 +230,16 @@ def test_stochastic_rounding_of_fp16_is_unbiased():
     stochastic_round_(rounded, master.clone(), key=stream_key(3, 7))
     assert set(rounded.float().unique().tolist()) == {1.0, 1.0 + 2**-10}
     assert abs(rounded.float().mean().item() - value) < 5 * 2**-10 / 2 / (1 << 9)
+
+
+def test_the_int32_hash_gives_the_bits_of_the_unsigned_hash():
+    """The tensor hash (int32, wrapping) against the same hash on Python integers, across the 2**31 wrap."""
+    from optimi._low_precision import _mix32
+
+    key = stream_key(5, 9)
+    first = 2**31 - 10
+    bits = random_bits16(key, first, 100, torch.device("cpu"))
+    assert bits.tolist() == [_mix32((first + i + key) & 0xFFFFFFFF) >> 16 for i in range(100)]
 
 
 def test_random_bits_are_those_of_the_whole_tensor_for_any_shard():
