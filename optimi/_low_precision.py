@@ -35,8 +35,6 @@ replicas and resumed runs draw the same bits, and so does every backend.
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import Tensor
 
@@ -48,9 +46,6 @@ __all__ = [
     "split_master_",
     "stochastic_round_",
 ]
-
-# master_from_remainder and split_master_ address a float32's upper and lower halves in memory
-assert sys.byteorder == "little", "optimi's bf16 + int16 masters assume a little-endian machine"
 
 #: the values of ``low_precision``
 LOW_PRECISION_MODES = ("kahan", "stochastic", "remainder", "nearest")
@@ -160,33 +155,23 @@ def _stochastic_fp16(value: Tensor, bits: Tensor) -> Tensor:
     return torch.where((uniform < probability) & value.isfinite(), other, nearest)
 
 
-def _halves(master: Tensor) -> Tensor:
-    """A float32 tensor's memory as (low, high) int16 pairs, one row per element (little-endian)."""
-    return master.view(-1).view(torch.int16).view(-1, 2)
-
-
 def master_from_remainder(param: Tensor, remainder: Tensor) -> Tensor:
     """The exact float32 master of a bf16 ``param`` and its int16 ``remainder`` (a new tensor).
 
-    ``bits = (P << 16) + r``: the low half is ``r``'s bits and the high half ``P - (r < 0)``
-    (a negative remainder borrows one from the upper half), written straight into the float32's
-    two halves, without int32 temporaries.
+    ``bits = (P << 16) + r`` in int32 arithmetic, built in the int32 tensor that becomes the master.
     """
-    master = torch.empty(param.shape, dtype=torch.float32, device=param.device)
-    halves = _halves(master)
-    flat_remainder = remainder.reshape(-1)
-    halves[:, 0].copy_(flat_remainder)
-    # (r >> 15) is -1 for a negative remainder and 0 otherwise: P + (r >> 15) = P - (r < 0)
-    torch.add(param.reshape(-1).view(torch.int16), flat_remainder.bitwise_right_shift(15), out=halves[:, 1])
-    return master
+    words = param.view(torch.int16).to(torch.int32).bitwise_left_shift_(16)
+    return words.add_(remainder).view(torch.float32)
 
 
 def split_master_(param: Tensor, remainder: Tensor, master: Tensor) -> None:
     """Store float32 ``master`` as bf16 ``param`` (rounded to nearest, ties away) and int16 ``remainder``.
 
-    The inverse of :func:`master_from_remainder`: ``r`` is the low half read as int16 and
-    ``P = H + (r < 0)`` (a low half of 0x8000 or more rounds the upper half up).
+    The inverse of :func:`master_from_remainder`, in place on ``master``'s bits (overwritten): ``r``
+    is the low half read as int16, and ``bits - r`` is exactly ``P << 16``.
     """
-    halves = _halves(master)
-    remainder.view(-1).copy_(halves[:, 0])
-    torch.add(halves[:, 1], halves[:, 0].lt(0), out=param.view(-1).view(torch.int16))
+    words = master.view(torch.int32)
+    remainder.copy_(words)  # the low 16 bits, as a signed int16
+    words.sub_(remainder)  # (P << 16): exact
+    words.bitwise_right_shift_(16)
+    param.view(torch.int16).copy_(words)
