@@ -2,16 +2,18 @@
 
     OMP_NUM_THREADS=1 python scripts/bench_convergence.py --steps 600 --plot docs/convergence.png
 
-Trains ``scripts/train.py``'s byte-level GPT on the standard library's source four times with the
+Trains ``scripts/train.py``'s byte-level GPT on the standard library's source six times with the
 same seed, data order and optimizer (AdamW by default), changing only the precision:
 
 - fp32: fp32 parameters and optimizer state;
 - bf16: pure bf16 parameters and state, Kahan summation off (``kahan_sum=False``);
 - bf16 + Kahan: pure bf16 parameters and state with optimi's Kahan-compensated updates;
+- bf16 + stochastic rounding / remainder: the other ``low_precision`` modes (unbiased rounding with
+  no extra memory; an exact fp32 master held as the bf16 parameter and an int16 remainder);
 - mixed: fp32 parameters and state, forward/backward under bf16 autocast.
 
 Prints a Markdown table of the held-out loss of each run and the share of the bf16 -> fp32 gap that
-Kahan summation closes, ``(bf16 - bf16_kahan) / (bf16 - fp32)``. With matplotlib installed
+each low-precision mode closes, e.g. ``(bf16 - bf16_kahan) / (bf16 - fp32)``. With matplotlib installed
 (``pip install -e ".[bench]"``) ``--plot`` writes the smoothed training-loss curves as a PNG.
 Every other flag of ``scripts/train.py`` (model size, lr, schedule, batch) can be passed after ``--``.
 """
@@ -34,6 +36,8 @@ RUNS = {
     "fp32": ["--dtype", "fp32"],
     "bf16": ["--dtype", "bf16", "--kahan", "off"],
     "bf16 + Kahan": ["--dtype", "bf16", "--kahan", "on"],
+    "bf16 + stochastic rounding": ["--dtype", "bf16", "--low-precision", "stochastic"],
+    "bf16 + remainder (exact fp32 master)": ["--dtype", "bf16", "--low-precision", "remainder"],
     "mixed (bf16 autocast)": ["--dtype", "mixed"],
 }
 
@@ -74,12 +78,12 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for name, r in results.items():
         print(f"| {name} | {sum(r['train'][-window:]) / window:.4f} | {r['val']:.4f} | {r['seconds']:.0f} |")
-    fp32, bf16, kahan = (results[k]["val"] for k in ("fp32", "bf16", "bf16 + Kahan"))
+    fp32, bf16 = results["fp32"]["val"], results["bf16"]["val"]
     gap = bf16 - fp32
     if gap > 0:
-        print(
-            f"\nKahan summation closes {100 * (bf16 - kahan) / gap:.0f}% of the bf16 -> fp32 held-out gap ({gap:.4f})"
-        )
+        for name in ("bf16 + Kahan", "bf16 + stochastic rounding", "bf16 + remainder (exact fp32 master)"):
+            closed = 100 * (bf16 - results[name]["val"]) / gap
+            print(f"{name} closes {closed:.0f}% of the bf16 -> fp32 held-out gap ({gap:.4f})")
     else:
         print(f"\nno bf16 -> fp32 gap to close (bf16 - fp32 = {gap:.4f})")
 

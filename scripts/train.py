@@ -117,7 +117,13 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> optimi.OptimiOptim
         weight_decay = inspect.signature(cls).parameters["weight_decay"].default
     groups = optimi.param_groups_weight_decay(model, weight_decay)
     kahan_sum = {"auto": None, "on": True, "off": False}[config.kahan]
-    return cls(groups, lr=config.lr, kahan_sum=kahan_sum, gradient_release=config.gradient_release)
+    return cls(
+        groups,
+        lr=config.lr,
+        kahan_sum=kahan_sum,
+        low_precision=config.low_precision,
+        gradient_release=config.gradient_release,
+    )
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:

@@ -59,6 +59,13 @@ class TrainConfig:
     kahan: str = flag(
         "auto", "Kahan summation for bf16 parameters (auto: on for bf16)", type=str.lower, choices=("auto", "on", "off")
     )
+    low_precision: str | None = flag(
+        None,
+        "how bf16 parameters keep small updates: kahan, stochastic (rounding), remainder (an exact fp32 master "
+        "in bf16 + int16) or nearest; default: follow --kahan",
+        type=str.lower,
+        choices=("kahan", "stochastic", "remainder", "nearest"),
+    )
     gradient_release: bool = flag(
         False, "step each parameter during backward and free its gradient at once", action="store_true"
     )
@@ -114,7 +121,9 @@ class TrainConfig:
 
     @property
     def kahan_on(self) -> bool:
-        """Whether the optimizer keeps Kahan buffers (bf16 parameters, unless --kahan off)."""
+        """Whether the optimizer keeps Kahan buffers (bf16 parameters, unless --kahan off or another mode)."""
+        if self.low_precision is not None:
+            return self.dtype == "bf16" and self.low_precision == "kahan"
         return self.dtype == "bf16" and self.kahan != "off"
 
     @property
@@ -157,6 +166,11 @@ def config_problem(config: TrainConfig) -> str | None:
         return "--zero-stage applies to --parallel deepspeed only"
     if config.kahan == "on" and config.dtype != "bf16":
         return f"--kahan on needs bf16 parameters (--dtype bf16); with --dtype {config.dtype} they are fp32"
+    if config.low_precision is not None and config.dtype != "bf16":
+        return f"--low-precision needs bf16 parameters (--dtype bf16); with --dtype {config.dtype} they are fp32"
+    if config.low_precision is not None and config.kahan != "auto":
+        if config.low_precision != ("kahan" if config.kahan == "on" else "nearest"):
+            return f"--low-precision {config.low_precision} contradicts --kahan {config.kahan}: give one of them"
     if config.resume == "latest" and config.checkpoint_dir is None:
         return "--resume without a path resumes from --checkpoint-dir, so give --checkpoint-dir"
     return None

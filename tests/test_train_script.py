@@ -241,6 +241,8 @@ def test_one_rank_checkpoint_resumes_on_fsdp2(tmp_path, one_thread):
         (["--gradient-release", "--grad-clip", "1.0"], "--gradient-release cannot serve --grad-clip"),
         (["--parallel", "deepspeed", "--gradient-release"], "--gradient-release cannot serve --parallel deepspeed"),
         (["--kahan", "on", "--dtype", "fp32"], "--kahan on needs bf16 parameters"),
+        (["--low-precision", "remainder", "--dtype", "fp32"], "--low-precision needs bf16 parameters"),
+        (["--low-precision", "stochastic", "--kahan", "on"], "--low-precision stochastic contradicts --kahan on"),
         (["--resume"], "give --checkpoint-dir"),
         (["--batch-size", "0"], "--batch-size must be >= 1"),
     ],
@@ -281,6 +283,15 @@ def test_biases_and_norms_get_no_weight_decay():
         assert {names[id(p)] for p in no_decay["params"]} == {n for n, p in model.named_parameters() if p.ndim == 1}
         assert "blocks.0.qkv.bias" in {names[id(p)] for p in no_decay["params"]}
         assert {names[id(p)] for p in decayed["params"]} >= {"wte.weight", "blocks.0.qkv.weight", "head.weight"}
+
+
+@pytest.mark.parametrize("mode", ["kahan", "stochastic", "remainder", "nearest"])
+def test_low_precision_reaches_the_optimizer(mode):
+    model = train_script.GPT(train_script.GPTConfig(block_size=8, n_layer=1, n_head=2, n_embd=8))
+    config = train_script.parse_args(["--low-precision", mode])
+    optimizer = train_script.build_optimizer(model.to(torch.bfloat16), config)
+    assert {optimizer.low_precision_of(p, g) for g in optimizer.param_groups for p in g["params"]} == {mode}
+    assert config.kahan_on == (mode == "kahan")
 
 
 def test_losses_reach_the_host_only_on_logging_steps(tmp_path, monkeypatch, one_thread):
