@@ -33,6 +33,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
+from optimi._low_precision import MASTER_MODES
+
 __all__ = [
     "is_dtensor",
     "local",
@@ -196,20 +198,26 @@ def step_local(
     local_grads = [local(g) for g in grads]
     local_states = [_local_state(s) for s in states]
     previous = getattr(optimizer, "_reduce_sums", None)
-    optimizer._reduce_sums = make_reduce_sums(params) if any(shard_groups(p) for p in params) else None
     # stochastic rounding hashes each element's index in the whole tensor: a shard starts further in
     first_indices = [first_element_index(p) for p in params] if group.get("low_precision") == "stochastic" else None
+    # the float32-master modes step one parameter at a time (OptimiOptimizer._step_in_precision), so
+    # whole-tensor sums are then reduced for that parameter alone
+    one_at_a_time = group.get("low_precision") in MASTER_MODES and not accumulate
+    batches = [[i] for i in range(len(params))] if one_at_a_time else [list(range(len(params)))]
     try:
-        optimizer._step_in_precision(
-            group,
-            local_params,
-            local_grads,
-            local_states,
-            step=step,
-            accumulate=accumulate,
-            backend=backend,
-            first_indices=first_indices,
-        )
+        for batch in batches:
+            sharded = [params[i] for i in batch]
+            optimizer._reduce_sums = make_reduce_sums(sharded) if any(shard_groups(p) for p in sharded) else None
+            optimizer._step_in_precision(
+                group,
+                [local_params[i] for i in batch],
+                [local_grads[i] for i in batch],
+                [local_states[i] for i in batch],
+                step=step,
+                accumulate=accumulate,
+                backend=backend,
+                first_indices=[first_indices[i] for i in batch] if first_indices else None,
+            )
     finally:
         optimizer._reduce_sums = previous
     for param, state, local_state in zip(params, states, local_states):

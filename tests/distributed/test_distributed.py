@@ -247,3 +247,9 @@ def test_fsdp2_remainder_state_is_sharded_int16_and_checkpoints(low_precision, r
     for rank in low_precision:
         assert rank[f"fsdp_remainder/{release}/remainder_sharded"]
         assert rank[f"fsdp_remainder/{release}/dcp"]
+
+
+def test_fsdp2_stableadamw_remainder_reduces_each_tensors_rms(low_precision):
+    """Master modes step one shard at a time; StableAdamW's RMS must still cover each whole tensor."""
+    for rank in low_precision:
+        assert rank["fsdp_stableadamw_remainder"] < BF16_RTOL

@@ -609,6 +609,17 @@ def scenario_low_precision() -> dict[str, Any]:
             train(model, opt, reference_data, rows=rows, release=release)
             key = f"fsdp_{mode}/{'release' if release else 'step'}"
             results[key] = rel_err(full_params(model), reference)
+            if mode == "remainder" and release:
+                # StableAdamW's per-tensor RMS is reduced across shards one master at a time
+                single = Net().to(torch.bfloat16)
+                single.load_state_dict(init)
+                single_opt = optimi.StableAdamW(single.parameters(), lr=1e-2, low_precision=mode)
+                train(single, single_opt, reference_data, rows=slice(None), release=False)
+                sharded = sharded_net(init, torch.bfloat16)
+                sharded_opt = optimi.StableAdamW(sharded.parameters(), lr=1e-2, low_precision=mode)
+                train(sharded, sharded_opt, reference_data, rows=rows, release=False)
+                stable_reference = {k: v.detach().float() for k, v in single.named_parameters()}
+                results["fsdp_stableadamw_remainder"] = rel_err(full_params(sharded), stable_reference)
             if mode == "remainder":
                 remainders = [state["remainder"] for state in opt.state.values()]
                 results[key + "/remainder_sharded"] = state_is_sharded_like_params(opt) and all(
