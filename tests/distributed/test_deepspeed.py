@@ -10,6 +10,7 @@ config checks still run.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -231,7 +232,11 @@ def _worker(out: str) -> None:
 
     if rank == 0:
         Path(out).write_text(json.dumps(results, indent=1))
+    # destroy the group here, not at interpreter shutdown, where gloo intermittently aborts a rank
+    # ("terminate called without an active exception"; same teardown as tests/distributed/worker.py)
+    gc.collect()
     dist.barrier()
+    dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------------------
