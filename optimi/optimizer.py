@@ -20,12 +20,15 @@ from torch.optim import Optimizer
 
 from optimi._fused import FALLBACK_BACKEND
 from optimi._low_precision import (
+    FLOAT32_MASTERS,
     LOW_PRECISION_MODES,
     MASTER_MODES,
+    MasterRow,
+    MasterRows,
+    eager_master,
     master_from_remainder,
-    split_master_,
-    stochastic_round_,
     stream_key,
+    write_master_,
 )
 from optimi._ops import LOW_PRECISION_DTYPES
 from optimi._torch_internals import dynamo_supported
@@ -456,42 +459,53 @@ class OptimiOptimizer(Optimizer):
     ) -> None:
         """``_step_group``, stepping ``"stochastic"``/``"remainder"`` parameters through a float32 master.
 
-        See [Note: low-precision update modes] in ``_low_precision.py``. Those parameters are
-        stepped one at a time, so the float32 temporary never exceeds one parameter; the others
-        (and every parameter while accumulating, which leaves the weights alone) in one call.
-        ``first_indices`` are the parameters' offsets in their whole tensors (shards: non-zero),
-        which stochastic rounding hashes.
+        See [Note: low-precision update modes] in ``_low_precision.py``. With the fused backend the
+        bf16 ones are stepped in the kernel, which builds and writes back each master in the same
+        pass ([Note: one-pass float32 masters] in ``optimi/_fused/masters.py``), together with the
+        other parameters in one call. Otherwise (and for fp16) each is stepped alone through a
+        master built eagerly, so the float32 temporary never exceeds one parameter. Every parameter
+        while accumulating (which leaves the weights alone) is stepped directly. ``first_indices``
+        are the parameters' offsets in their whole tensors (shards: non-zero), which stochastic
+        rounding hashes.
         """
         if accumulate or group.get("low_precision") not in MASTER_MODES:
             self._step_group(group, params, grads, states, step=step, accumulate=accumulate, backend=backend)
             return
         mode = group["low_precision"]
-        direct = [i for i, p in enumerate(params) if p.dtype not in LOW_PRECISION_DTYPES]
-        if direct:
-            self._step_group(
-                group,
-                [params[i] for i in direct],
-                [grads[i] for i in direct],
-                [states[i] for i in direct],
-                step=step,
-                accumulate=accumulate,
-                backend=backend,
-            )
-        for i, (param, grad, state) in enumerate(zip(params, grads, states)):
+        masters: dict[int, MasterRow] = {}  # row index -> how its master is written back
+        for i, (param, state) in enumerate(zip(params, states)):
             if param.dtype not in LOW_PRECISION_DTYPES:
                 continue
             if not param.is_contiguous():
                 raise ValueError(f"low_precision={mode!r} needs contiguous parameters")
-            if mode == "remainder":
-                master = master_from_remainder(param, state["remainder"])
-            else:
-                master = param.float()
-            self._step_group(group, [master], [grad], [state], step=step, accumulate=False, backend=backend)
-            if mode == "remainder":
-                split_master_(param, state["remainder"], master)
-            else:
-                key = stream_key(group["rounding_seed"], state["step"])
-                stochastic_round_(param, master, key=key, first_index=first_indices[i] if first_indices else 0)
+            masters[i] = MasterRow(
+                remainder=state["remainder"] if mode == "remainder" else None,
+                key=stream_key(group["rounding_seed"], state["step"]) if mode == "stochastic" else 0,
+                first_index=first_indices[i] if first_indices else 0,
+            )
+        # fp16's stochastic rounding needs its neighbours (nextafter): it keeps the eager write-back
+        in_kernel = [i for i in masters if backend == "fused" and params[i].dtype == torch.bfloat16]
+        eager = [i for i in masters if i not in in_kernel]
+        together = [i for i in range(len(params)) if i not in eager]
+        if together:
+            rows = MasterRows(mode, {id(params[i]): masters[i] for i in in_kernel}) if in_kernel else None
+            token = FLOAT32_MASTERS.set(rows)
+            try:
+                self._step_group(
+                    group,
+                    [params[i] for i in together],
+                    [grads[i] for i in together],
+                    [states[i] for i in together],
+                    step=step,
+                    accumulate=False,
+                    backend=backend,
+                )
+            finally:
+                FLOAT32_MASTERS.reset(token)
+        for i in eager:
+            master = eager_master(params[i], masters[i])
+            self._step_group(group, [master], [grads[i]], [states[i]], step=step, accumulate=False, backend=backend)
+            write_master_(params[i], master, masters[i])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``torch.optim.Optimizer.load_state_dict``, keeping the int16 remainders exact.

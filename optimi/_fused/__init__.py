@@ -4,6 +4,8 @@ The package, one concern per module:
 
 * ``ops.py``: :class:`~optimi._fused.ops.FusedOps`, the primitives' in-kernel numerics;
 * ``packing.py``: bf16 columns packed two values to an int32 word (CPU);
+* ``masters.py``: ``"stochastic"``/``"remainder"`` bf16 parameters stepped through a float32
+  master that the kernel builds and writes back itself;
 * ``compilation.py``: one configuration's step under ``torch.compile``, its self-checks and
   :class:`FusedCompileError`;
 * ``cpp_rewrites.py``: rewrites of the C++ Inductor generates on CPU;

@@ -91,6 +91,10 @@ class CompiledStep:
         self.packed = packed
         # packed steps: builds (or finds) the same configuration's plain step, for the speed check
         self.plain_step: Callable[[], CompiledStep] | None = None
+        # whether this packed step may be the one that times packed against plain kernels for the
+        # process; a float32-master step may not: its plain kernel reads int16 columns, which
+        # Inductor's CPU code does not vectorize ([Note: one-pass float32 masters] in masters.py)
+        self.times_plain = packed
         self.capture = enabled("direct_calls")
         # (how to build its inputs, how to call it with them; both None where it cannot be called
         # directly) per graph Dynamo compiled
@@ -236,7 +240,7 @@ class CompiledStep:
         kernel is this configuration's fallback anyway, so compiling it is not wasted).
         """
         global _PACKED_SPEED_CHECKED
-        if _PACKED_SPEED_CHECKED or self.plain_step is None:
+        if _PACKED_SPEED_CHECKED or self.plain_step is None or not self.times_plain:
             return
         _PACKED_SPEED_CHECKED = True
         plain = self.plain_step()
@@ -358,7 +362,19 @@ def make_step(
     return CompiledStep(step, options, label=label, packed=packed)
 
 
-def label_of(update: Callable[..., None], device_type: str, dtypes: Sequence[Any], packed: bool) -> str:
-    """How logs and errors name a configuration, e.g. ``_adam_update (cpu, bfloat16, packed)``."""
+def label_of(
+    update: Callable[..., None],
+    device_type: str,
+    dtypes: Sequence[Any],
+    packed: bool,
+    master_mode: str | None = None,
+) -> str:
+    """How logs and errors name a configuration, e.g. ``_adam_update (cpu, bfloat16, packed)``.
+
+    ``master_mode``: the rule steps a bf16 parameter's float32 master in the kernel, e.g.
+    ``_adam_update (cpu, bfloat16, remainder master)`` ([Note: one-pass float32 masters]).
+    """
     dtype = next((str(d).removeprefix("torch.") for d in dtypes if isinstance(d, torch.dtype)), "?")
+    if master_mode is not None:
+        dtype = f"bfloat16, {master_mode} master"
     return f"{update.__name__} ({device_type}, {dtype}{', packed' if packed else ''})"

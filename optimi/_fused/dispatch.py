@@ -14,8 +14,10 @@ from torch import Tensor
 
 from optimi._columns import Columns
 from optimi._fused.compilation import CompiledStep, FusedCompileError, PackedCheckFailed, label_of, make_step
+from optimi._fused.masters import through_master
 from optimi._fused.ops import SPLIT
 from optimi._fused.packing import pairs_fit
+from optimi._low_precision import MasterRows, hash_offset
 from optimi._torch_internals import TRICKS, enabled
 
 __all__ = ["FALLBACK_BACKEND", "compiled_configurations", "fallen_back_configurations", "run_fused"]
@@ -52,13 +54,20 @@ def _is_static(value: Any) -> bool:
     return value is None or isinstance(value, (bool, str))
 
 
-def run_fused(update: Callable[..., None], columns: Columns, scalars: dict[str, Any]) -> dict[str, list[int]]:
+def run_fused(
+    update: Callable[..., None],
+    columns: Columns,
+    scalars: dict[str, Any],
+    masters: MasterRows | None = None,
+) -> dict[str, list[int]]:
     """Run ``update`` once per tensor as a compiled, single-pass kernel ([Note: the fused backend]).
 
     ``columns`` are lists over the parameters (``None`` for an absent optional tensor; a state
     column may instead hold numbers, one scalar per tensor); ``scalars`` are the update's keyword
     arguments. Numbers (and 0-d tensors) become runtime inputs, ``bool``/``None``/``str`` are
-    compile-time switches.
+    compile-time switches. The parameters in ``masters`` (bf16, ``"stochastic"``/``"remainder"``)
+    are stepped through a float32 master built and written back in the kernel ([Note: one-pass
+    float32 masters] in ``masters.py``).
 
     Returns the rows (indices into ``columns``) that another backend must step, by backend: a
     strided parameter, whose memory cannot be viewed flat, goes to ``"for_loop"``; a configuration
@@ -87,6 +96,18 @@ def run_fused(update: Callable[..., None], columns: Columns, scalars: dict[str, 
         param = row[0]
         if param.numel() == 0:
             continue
+        rule, master_mode = update, None
+        master = masters.rows.get(id(param)) if masters is not None else None
+        if master is not None:
+            # the master's write-back travels as one more state column: the remainder, or the
+            # hash offset as a per-row number (a runtime input: no recompile per step or shard)
+            master_mode = masters.mode
+            rule = through_master(update, master_mode)
+            if master_mode == "remainder":
+                written_with: Tensor | int | None = master.remainder
+            else:
+                written_with = hash_offset(master.key, master.first_index)
+            row = (*row[:-1], written_with, row[-1])
         # one pass over the row: it runs once per parameter and step ([Note: calling the compiled
         # graph directly] on why per-call Python matters)
         dtypes: list[Any] = []
@@ -105,8 +126,10 @@ def run_fused(update: Callable[..., None], columns: Columns, scalars: dict[str, 
         if not contiguous:  # a strided layout cannot be flattened to a view
             elsewhere.setdefault("for_loop", []).append(index)
             continue
+        if master is not None:
+            dtypes[0] = torch.int16  # the kernel reads and writes the parameter's bits (plain rows)
         device = param.device
-        config = (update, device.type, tuple(dtypes), static_key, names, tricks)
+        config = (rule, device.type, tuple(dtypes), static_key, names, tricks)
         failed = FELL_BACK.get(config)
         if failed is not None:  # compiled and failed before: never again
             if FALLBACK_BACKEND.get() is None:
@@ -117,24 +140,27 @@ def run_fused(update: Callable[..., None], columns: Columns, scalars: dict[str, 
         key = (packed, *config)
         step = COMPILED.get(key)
         if step is None:
-            label = label_of(update, device.type, dtypes, packed)
-            step = COMPILED[key] = make_step(update, names, static, tuple(number_columns), device.type, packed, label)
+            label = label_of(update, device.type, dtypes, packed, master_mode)
+            step = COMPILED[key] = make_step(rule, names, static, tuple(number_columns), device.type, packed, label)
             if packed:
-                step.plain_step = functools.partial(_plain_step_of, key, update, dtypes, names, static, number_columns)
+                step.plain_step = functools.partial(
+                    _plain_step_of, key, rule, dtypes, names, static, number_columns, master_mode
+                )
+                step.times_plain = master is None
         if number_columns:
             scalars_tensor = _pack_scalars(shared + [_as_float(row[i]) for i in number_columns], device)
         else:
             scalars_tensor = packed_on.get(device)
             if scalars_tensor is None:
                 scalars_tensor = packed_on[device] = _pack_scalars(shared, device)
-        flat = [_flat(t, packed) if isinstance(t, Tensor) else None for t in row]
+        flat = _flat_row(row, packed, master is not None)
         call = step.direct_call(scalars_tensor, flat)
         if call is not None:
             direct_calls.append(call)
             continue
         try:
             if packed:
-                _run_packed(step, config, scalars_tensor, row)
+                _run_packed(step, config, scalars_tensor, row, master is not None)
             else:
                 step(scalars_tensor, *flat)
         except FusedCompileError as error:
@@ -160,7 +186,19 @@ def _explicit_failure(error: FusedCompileError) -> FusedCompileError:
     )
 
 
-def _run_packed(step: CompiledStep, config: tuple, scalars: Tensor, row: Sequence[Any]) -> None:
+def _flat_row(row: Sequence[Any], packed: bool, parameter_bits: bool) -> list[Tensor | None]:
+    """A row's flat columns (``None`` for a number or an absent tensor) as its kernel takes them.
+
+    ``packed``: every column as int32 pairs; ``parameter_bits``: a plain row's parameter as its
+    int16 bits ([Note: one-pass float32 masters] in ``masters.py``).
+    """
+    flat = [_flat(t, torch.int32 if packed else None) if isinstance(t, Tensor) else None for t in row]
+    if parameter_bits and not packed:
+        flat[0] = _flat(row[0], torch.int16)
+    return flat
+
+
+def _run_packed(step: CompiledStep, config: tuple, scalars: Tensor, row: Sequence[Any], parameter_bits: bool) -> None:
     """Run a packed configuration; where it cannot be compiled or checked, switch to the plain kernel.
 
     The packed kernel relies on Inductor lowering int32/float32 bitcasts and shifts, which another
@@ -170,7 +208,7 @@ def _run_packed(step: CompiledStep, config: tuple, scalars: Tensor, row: Sequenc
     :class:`FusedCompileError` propagates.
     """
     try:
-        step(scalars, *[_flat(t, True) if isinstance(t, Tensor) else None for t in row])
+        step(scalars, *_flat_row(row, True, parameter_bits))
         return
     except FusedCompileError as error:
         packed_error: FusedCompileError | None = error
@@ -180,7 +218,7 @@ def _run_packed(step: CompiledStep, config: tuple, scalars: Tensor, row: Sequenc
     assert step.plain_step is not None  # every packed step is given its plain step
     plain = step.plain_step()
     # where the compiler fails altogether this raises too, and the caller's fallback warns once
-    plain(scalars, *[_flat(t) if isinstance(t, Tensor) else None for t in row])
+    plain(scalars, *_flat_row(row, False, parameter_bits))
     if packed_error is not None:
         warnings.warn(
             f"optimi: the packed bf16 fused kernel failed to compile ({packed_error}); using the plain fused "
@@ -197,44 +235,45 @@ def _plain_step_of(
     names: tuple[str, ...],
     static: dict[str, Any],
     number_columns: Sequence[int],
+    master_mode: str | None,
 ) -> CompiledStep:
     """The plain kernel's compiled step for the configuration of a packed key (built once)."""
     plain_key = (False, *packed_key[1:])
     plain = COMPILED.get(plain_key)
     if plain is None:
         device_type = packed_key[2]
-        label = label_of(update, device_type, dtypes, False)
+        label = label_of(update, device_type, dtypes, False, master_mode)
         plain = make_step(update, names, static, tuple(number_columns), device_type, False, label)
         COMPILED[plain_key] = plain
     return plain
 
 
-# (id of a tensor, packed) -> (weak reference to the tensor, its flat view): parameters and states
-# live across steps, and building a view costs ~3 µs, ten times a lookup
-_FLAT_VIEWS: dict[tuple[int, bool], tuple[weakref.ref, Tensor]] = {}
+# (id of a tensor, the dtype it is viewed as) -> (weak reference to the tensor, its flat view):
+# parameters and states live across steps, and building a view costs ~3 µs, ten times a lookup
+_FLAT_VIEWS: dict[tuple[int, torch.dtype | None], tuple[weakref.ref, Tensor]] = {}
 
 
-def _flat(tensor: Tensor, packed: bool = False) -> Tensor:
+def _flat(tensor: Tensor, as_dtype: torch.dtype | None = None) -> Tensor:
     """A 1-D tensor over ``tensor``'s (contiguous) memory that is not a view of it.
 
     A view would carry its base's shape into Dynamo's guards (one compile per parameter rank).
-    ``packed``: a bf16 tensor's memory as int32 words, element pairs ``(2i, 2i + 1)`` in word ``i``
-    ([Note: packed bf16 columns]). The result is cached while ``tensor`` lives and still covers the
-    same memory (``tensor.data = ...`` or a resize moves it).
+    ``as_dtype``: the memory read as another dtype. ``torch.int32`` for a bf16 tensor gives
+    element pairs ``(2i, 2i + 1)`` in word ``i`` ([Note: packed bf16 columns]); ``torch.int16``
+    its bits ([Note: one-pass float32 masters] in ``masters.py``). The result is cached while
+    ``tensor`` lives and still covers the same memory (``tensor.data = ...`` or a resize moves it).
     """
-    key = (id(tensor), packed)
+    key = (id(tensor), as_dtype)
     cached = _FLAT_VIEWS.get(key)
-    length = tensor.numel() // 2 if packed else tensor.numel()
+    dtype = tensor.dtype if as_dtype is None else as_dtype
+    # elements of ``dtype`` per element of the tensor's own: 1, or 1/2 for pairs in int32 words
+    per_word = dtype.itemsize // tensor.dtype.itemsize
+    length = tensor.numel() // per_word
     if cached is not None:
         owner, flat = cached
         if owner() is tensor and flat.data_ptr() == tensor.data_ptr() and flat.shape[0] == length:
             return flat
-    if packed:
-        flat = tensor.new_empty(0, dtype=torch.int32)
-        flat.set_(tensor.untyped_storage(), tensor.storage_offset() // 2, (length,), (1,))
-    else:
-        flat = tensor.new_empty(0)
-        flat.set_(tensor.untyped_storage(), tensor.storage_offset(), (length,), (1,))
+    flat = tensor.new_empty(0, dtype=dtype)
+    flat.set_(tensor.untyped_storage(), tensor.storage_offset() // per_word, (length,), (1,))
     _FLAT_VIEWS[key] = (weakref.ref(tensor, lambda _, key=key: _FLAT_VIEWS.pop(key, None)), flat)
     return flat
 

@@ -135,10 +135,20 @@ class FusedOps(TensorOps):
         self.round_stores = round_stores
         self.splits = splits
         self.fma = fma
+        # the tensors the rule wrote, in order: what a packed row stores back, and whether a rule
+        # wrote its float32 master ([Note: one-pass float32 masters] in ``masters.py``)
+        self.written: list[Tensor] = []
 
     def dtype_of(self, x: Tensor) -> torch.dtype:
         """The dtype ``x`` stands for: its own here, bf16 for a half of a packed column."""
         return x.dtype
+
+    def keep_float32(self, x: Tensor) -> None:
+        """Store ``x``, a float32 temporary such as a parameter's master, unrounded.
+
+        Nothing to do here: a store rounds to the dtype of the tensor it writes, float32 for ``x``
+        (a packed row's halves all stand for bf16, see ``PackedOps``).
+        """
 
     def _rounded_for(self, x: Tensor, value: Tensor) -> Tensor:
         """``value`` rounded in the kernel to the dtype ``x`` stands for, where stores round."""
@@ -146,6 +156,7 @@ class FusedOps(TensorOps):
         return round_to(value, self.splits[dtype]) if self.round_stores and dtype in self.splits else value
 
     def _store(self, x: Tensor, value: Tensor) -> Tensor:
+        self.written.append(x)
         return x.copy_(self._rounded_for(x, value))
 
     def copy_(self, dst: Tensor, src: Tensor) -> Tensor:

@@ -37,8 +37,8 @@ class PackedOps(FusedOps):
 
     Every tensor the rule sees is a float32 half (see [Note: packed bf16 columns]) and stands for
     a bf16 tensor, except those in ``exact``: the gradient's private copy and the Kahan buffer,
-    whose values stay unrounded float32 as in :class:`FusedOps`. The tensors the rule writes are
-    recorded in ``written``, so that only those are packed and stored back.
+    whose values stay unrounded float32 as in :class:`FusedOps`. Only the tensors the rule wrote
+    (``written``) are packed and stored back.
     """
 
     def __init__(
@@ -46,17 +46,19 @@ class PackedOps(FusedOps):
         exact: Sequence[Tensor],
         splits: dict[torch.dtype, float | Tensor],
         fma: Callable[..., Tensor] | None = None,
+        half: int = 0,
     ):
         super().__init__(round_stores=True, splits=splits, fma=fma)
         self.exact = tuple(exact)
-        self.written: list[Tensor] = []
+        #: which element of each word the rule runs on: 0 the even one, 1 the odd one
+        self.half = half
 
     def dtype_of(self, x: Tensor) -> torch.dtype:
         return x.dtype if any(x is t for t in self.exact) else torch.bfloat16
 
-    def _store(self, x: Tensor, value: Tensor) -> Tensor:
-        self.written.append(x)
-        return super()._store(x, value)
+    def keep_float32(self, x: Tensor) -> None:
+        """Store ``x``, a float32 temporary such as a parameter's master, unrounded."""
+        self.exact = (*self.exact, x)
 
 
 def unpack(words: Tensor) -> tuple[Tensor, Tensor]:
@@ -70,8 +72,14 @@ def pack(even: Tensor, odd: Tensor) -> Tensor:
 
 
 def pairs_fit(tensor: Tensor) -> bool:
-    """Whether ``tensor`` can be viewed as int32 pairs of bf16 ([Note: packed bf16 columns])."""
-    return tensor.dtype == torch.bfloat16 and tensor.numel() % 2 == 0 and tensor.storage_offset() % 2 == 0
+    """Whether ``tensor`` can be viewed as int32 pairs ([Note: packed bf16 columns]).
+
+    bf16, or int16: a ``"remainder"`` parameter's remainder, whose halves the rule reads as
+    bit patterns ([Note: one-pass float32 masters] in ``masters.py``).
+    """
+    return (
+        tensor.dtype in (torch.bfloat16, torch.int16) and tensor.numel() % 2 == 0 and tensor.storage_offset() % 2 == 0
+    )
 
 
 def update_packed_row(
@@ -99,7 +107,7 @@ def update_packed_row(
         # the gradient half is already a private float32 copy ([Note: fused numerics])
         exact = [half_row.kahan] if isinstance(row.kahan, Tensor) else []
         exact.append(half_row.grad)
-        half_ops = PackedOps(exact, splits, fma)
+        half_ops = PackedOps(exact, splits, fma, half)
         update(half_ops, *half_row.arguments(), **scalars)
         if half == 0:
             written = half_ops.written
