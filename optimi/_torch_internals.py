@@ -56,6 +56,7 @@ __all__ = [
     "argument_plan",
     "compile_capturing_graphs",
     "compile_isolation_options",
+    "convert_module_tensors",
     "disable_for_speed",
     "dynamo_supported",
     "enabled",
@@ -414,3 +415,16 @@ def rewriting_cpp_kernels(
         yield
     finally:
         AsyncCompile.cpp_pybinding = build
+
+
+def convert_module_tensors(module: torch.nn.Module, convert: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Replace every parameter, gradient and buffer ``t`` of ``module`` by ``convert(t)``, in place.
+
+    This is ``nn.Module._apply``, the private method behind ``module.to(dtype)``, used because it
+    is what keeps a dtype change sound for every kind of model: parameters stay the same Python
+    objects (an optimizer built on them keeps them), a tensor-subclass parameter such as an FSDP2
+    DTensor is swapped whole with ``torch.utils.swap_tensors`` (assigning ``.data`` to a DTensor
+    would leave its local shard in the old dtype), and FSDP2's own ``_apply`` then re-points its
+    sharded storage at the new shards. Not a fused-backend trick: it has no switch.
+    """
+    module._apply(convert)

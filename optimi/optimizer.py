@@ -27,6 +27,7 @@ from optimi._low_precision import (
     MasterRows,
     eager_master,
     master_from_remainder,
+    split_master_,
     stream_key,
     write_master_,
 )
@@ -268,16 +269,45 @@ class OptimiOptimizer(Optimizer):
 
         ``"remainder"``: the exact float32 master (bf16 parameter + int16 remainder); ``"kahan"``:
         ``p + c``, the parameter plus its compensation; otherwise the parameter itself. Use it to
-        export float32 weights at the end of a low-precision run.
+        export float32 weights at the end of a low-precision run. For an FSDP2 parameter it is a
+        DTensor sharded like the parameter (``.full_tensor()`` gathers it).
         """
         group = self.group_of(param)
         state = self.state.get(param, {})
         mode = self.low_precision_of(param, group)
         if mode == "remainder" and "remainder" in state:
-            return master_from_remainder(param.detach(), state["remainder"])
+            return _on_local_shards(master_from_remainder, param, param.detach(), state["remainder"])
         if mode == "kahan" and "kahan_comp" in state:
             return param.detach().float() + state["kahan_comp"].float()
         return param.detach().float() if param.dtype != torch.float32 else param.detach().clone()
+
+    @torch.no_grad()
+    def _cast_keeping_low_bits(self, param: Tensor, dtype: torch.dtype) -> tuple[Tensor, tuple[str, Tensor] | None]:
+        """float32 ``param`` cast to ``dtype``, and the state entry that keeps what the cast drops.
+
+        ``optimi.to_low_precision(..., optimizer=)`` casts each parameter with this before the
+        first step and seeds the returned ``(state key, value)``. Remainder mode: the cast rounds
+        to nearest with ties away from zero and the int16 remainder keeps the rest, so
+        :meth:`master_param` is the float32 value exactly; Kahan: the compensation holds
+        ``value - cast``; other modes keep nothing (``None``).
+        """
+        group = self.group_of(param)
+        param = param.detach()
+        if dtype == torch.bfloat16 and group.get("low_precision") == "remainder":
+            remainders: list[Tensor] = []
+
+            def rounded_part(value: Tensor) -> Tensor:
+                rounded = torch.empty_like(value, dtype=dtype)
+                remainders.append(torch.empty_like(value, dtype=torch.int16))
+                split_master_(rounded, remainders[0], value.clone())
+                return rounded
+
+            rounded = _on_local_shards(rounded_part, param, param)
+            return rounded, ("remainder", _on_local_shards(lambda _: remainders[0], param, param))
+        rounded = param.to(dtype)
+        if self.uses_kahan(rounded, group):
+            return rounded, ("kahan_comp", (param - rounded.float()).to(dtype))
+        return rounded, None
 
     def backend_for(self, group: dict[str, Any], device: torch.device) -> str:
         """The backend that steps ``group``'s parameters on ``device``."""
@@ -507,25 +537,49 @@ class OptimiOptimizer(Optimizer):
             self._step_group(group, [master], [grads[i]], [states[i]], step=step, accumulate=False, backend=backend)
             write_master_(params[i], master, masters[i])
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """``torch.optim.Optimizer.load_state_dict``, keeping the int16 remainders exact.
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim.Optimizer.state_dict``, with each int16 remainder carried as bf16-typed bits.
 
-        torch casts every floating-point parameter's state tensors to the parameter's dtype when
-        loading, which would turn a ``"remainder"`` state into bf16; the remainders are set aside
-        and restored as they were saved (on the parameter's device).
+        [Note: remainders travel as bf16 bits]
+        A ``"remainder"`` state is int16, a dtype that neither gloo nor NCCL can all-gather (so a
+        full, gathered state dict of FSDP2 shards would fail), and that torch's
+        ``load_state_dict`` would cast to the parameter's dtype as a number. The state dict
+        therefore holds each remainder as the same 16 bits viewed as a bfloat16 tensor (a view:
+        no copy, DTensor placements kept), which every collective, ``torch.save`` and DCP path
+        carries bit for bit, and :meth:`load_state_dict` views them back as int16. The values of
+        that tensor are not meaningful as numbers: read the master with :meth:`master_param`.
+        """
+        state_dict = super().state_dict()
+        state_dict["state"] = {
+            index: _remainder_as_bits(entry) if isinstance(entry, dict) and "remainder" in entry else entry
+            for index, entry in state_dict["state"].items()
+        }
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, restoring int16 remainders from their bits.
+
+        Remainders arrive as bf16-typed bits ([Note: remainders travel as bf16 bits]), which
+        torch's cast to the parameter's bf16 dtype leaves alone; they are viewed back as int16.
+        (An int16 remainder, e.g. from a hand-built state dict, is set aside from that cast.)
         """
         saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
         position = {index: i for i, index in enumerate(saved_ids)}
-        remainders = {}
+        int16_remainders = {}
         state = {}
         for index, entry in state_dict["state"].items():
-            if isinstance(entry, dict) and "remainder" in entry:
-                remainders[index] = entry["remainder"]
-                entry = {key: value for key, value in entry.items() if key != "remainder"}
+            if isinstance(entry, dict) and isinstance(entry.get("remainder"), Tensor):
+                if entry["remainder"].dtype == torch.int16:
+                    int16_remainders[index] = entry["remainder"]
+                    entry = {key: value for key, value in entry.items() if key != "remainder"}
             state[index] = entry
         super().load_state_dict({**state_dict, "state": state})
         params = [param for group in self.param_groups for param in group["params"]]
-        for index, remainder in remainders.items():
+        for param in params:
+            param_state = self.state.get(param, {})
+            if isinstance(param_state.get("remainder"), Tensor) and param_state["remainder"].dtype != torch.int16:
+                param_state["remainder"] = param_state["remainder"].view(torch.int16)
+        for index, remainder in int16_remainders.items():
             param = params[position[index]]
             self.state[param]["remainder"] = remainder.to(device=param.device)
 
@@ -555,3 +609,21 @@ class OptimiOptimizer(Optimizer):
         self.__dict__.setdefault("_gradient_release_active", False)
         self.__dict__.setdefault("_group_index", {})
         self.__dict__.setdefault("_reduce_sums", None)
+
+
+def _remainder_as_bits(entry: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a parameter's state entry with its int16 remainder viewed as bf16 bits."""
+    remainder = entry["remainder"]
+    return {**entry, "remainder": remainder.view(torch.bfloat16) if remainder.dtype == torch.int16 else remainder}
+
+
+def _on_local_shards(function: Callable[..., Tensor], like: Tensor, *tensors: Tensor) -> Tensor:
+    """``function(*tensors)``, on the local shards of sharded tensors (bit manipulations bypass DTensor).
+
+    The lazy import follows [Note: the single lazy import]: it runs only for a sharded parameter.
+    """
+    if torch.distributed.is_available() and type(like) not in _PLAIN_TENSOR_TYPES:
+        from optimi.distributed._dtensor import map_local
+
+        return map_local(function, like, *tensors)
+    return function(*tensors)

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from optimi._low_precision import split_master_
 from optimi._ops import LOW_PRECISION_DTYPES
+from optimi._torch_internals import convert_module_tensors
 from optimi.optimizer import OptimiOptimizer
 
 __all__ = ["param_groups_weight_decay", "to_low_precision"]
@@ -67,38 +67,31 @@ def to_low_precision(
     if dtype not in LOW_PRECISION_DTYPES:
         raise ValueError(f"Invalid dtype: {dtype} (must be torch.bfloat16 or torch.float16)")
     managed = _managed_parameters(optimizer) if optimizer is not None else set()
-    for tensor in list(model.parameters()) + list(model.buffers()):
+    if optimizer is not None and any(optimizer.state.get(param) for param in managed):
+        raise ValueError(
+            "to_low_precision(..., optimizer=...) must run before the optimizer's first step: it already holds "
+            "float32 state for a parameter being cast"
+        )
+    # what each cast parameter's state must be seeded with, filled in while casting
+    seeds: dict[torch.Tensor, tuple[str, torch.Tensor]] = {}
+
+    def cast(tensor: torch.Tensor) -> torch.Tensor:
         if not tensor.is_floating_point():
-            continue
+            return tensor
         if optimizer is None or tensor not in managed or tensor.dtype != torch.float32:
-            tensor.data = tensor.data.to(dtype)
-            continue
-        if optimizer.state.get(tensor):
-            raise ValueError(
-                "to_low_precision(..., optimizer=...) must run before the optimizer's first step: it already holds "
-                "float32 state for a parameter being cast"
-            )
-        _cast_keeping_low_bits(tensor, dtype, optimizer)
+            return tensor.to(dtype)
+        rounded, seed = optimizer._cast_keeping_low_bits(tensor, dtype)
+        if seed is not None:
+            seeds[tensor] = seed
+        return rounded
+
+    # parameters stay the same objects, so the optimizer keeps them ([Note] in convert_module_tensors)
+    convert_module_tensors(model, cast)
+    assert optimizer is not None or not seeds
+    for param, (key, value) in seeds.items():
+        optimizer.init_param_state(param, optimizer.group_of(param))[key].copy_(value)
     return model
 
 
 def _managed_parameters(optimizer: OptimiOptimizer) -> set[torch.Tensor]:
     return {param for group in optimizer.param_groups for param in group["params"]}
-
-
-@torch.no_grad()
-def _cast_keeping_low_bits(param: torch.Tensor, dtype: torch.dtype, optimizer: OptimiOptimizer) -> None:
-    """Cast float32 ``param`` to ``dtype`` and seed its remainder or compensation with what the cast drops."""
-    full = param.data
-    group = optimizer.group_of(param)
-    if dtype == torch.bfloat16 and group.get("low_precision") == "remainder":
-        rounded = torch.empty_like(full, dtype=dtype)
-        remainder = torch.empty_like(full, dtype=torch.int16)
-        split_master_(rounded, remainder, full.clone())
-        param.data = rounded
-        optimizer.init_param_state(param, group)["remainder"].copy_(remainder)
-        return
-    param.data = full.to(dtype)
-    if optimizer.uses_kahan(param, group):
-        state = optimizer.init_param_state(param, group)
-        state["kahan_comp"].copy_(full - param.data.float())

@@ -40,6 +40,7 @@ __all__ = [
     "local",
     "local_nbytes",
     "first_element_index",
+    "map_local",
     "full_tensor",
     "shard_groups",
     "step_local",
@@ -122,6 +123,17 @@ def _wrap_like(local_tensor: Tensor, param: DTensor) -> DTensor:
         shape=param.shape,
         stride=param.stride(),
     )
+
+
+def map_local(function: Callable[..., Tensor], like: Tensor, *tensors: Tensor) -> Tensor:
+    """``function`` of the local shards of ``tensors``, as a DTensor sharded like ``like``.
+
+    For bit manipulations (the bf16 + int16 master split) that must not go through DTensor's
+    dispatch: an elementwise function of shards that are laid out alike is the shard of the
+    function of the whole tensors. Plain tensors pass straight to ``function``.
+    """
+    result = function(*(local(t) for t in tensors))
+    return _wrap_like(result, like) if isinstance(like, DTensor) else result
 
 
 def _local_state(state: dict[str, Any]) -> dict[str, Any]:

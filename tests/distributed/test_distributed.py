@@ -249,6 +249,21 @@ def test_fsdp2_remainder_state_is_sharded_int16_and_checkpoints(low_precision, r
         assert rank[f"fsdp_remainder/{release}/dcp"]
 
 
+def test_fsdp2_remainder_full_state_dict_gathers_and_loads_exactly(low_precision):
+    """get_optimizer_state_dict(full_state_dict=True) all-gathers the remainders (int16 cannot be
+    all-gathered by gloo or NCCL), and the gathered dict restores the exact masters in one process
+    and in shards."""
+    for rank in low_precision:
+        assert rank["fsdp_remainder/full_state_dict"] == {"one_process": True, "resharded": True}
+
+
+def test_fsdp2_to_low_precision_keeps_the_float32_values_exactly(low_precision):
+    """to_low_precision(..., optimizer=) on FSDP2 shards: master_param(p) gathers to the float32 weights,
+    and 7 steps later the masters still track one process cast the same way."""
+    assert all(rank["fsdp_to_low_precision_exact"] for rank in low_precision)
+    assert all(rank["fsdp_to_low_precision_trains"] < BF16_RTOL for rank in low_precision)
+
+
 def test_fsdp2_stableadamw_remainder_reduces_each_tensors_rms(low_precision):
     """Master modes step one shard at a time; StableAdamW's RMS must still cover each whole tensor."""
     for rank in low_precision:

@@ -359,7 +359,7 @@ def dcp_round_trip(model: nn.Module, opt: Any) -> bool:
 
     x = torch.randn(4, 12).to(next(model.parameters()).dtype)
     nn.functional.mse_loss(model(x).float(), torch.zeros(4, 7)).backward()  # one release step: non-zero state
-    # each rank compares its own shards (gloo cannot all-gather an int16 remainder)
+    # each rank compares its own shards, bit for bit
     before = {id(p): {k: local(v).clone() for k, v in s.items() if isinstance(v, Tensor)} for p, s in opt.state.items()}
     path = [tempfile.mkdtemp(prefix="optimi-dcp-") if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(path)
@@ -626,7 +626,61 @@ def scenario_low_precision() -> dict[str, Any]:
                     r.dtype == torch.int16 for r in remainders
                 )
                 results[key + "/dcp"] = dcp_round_trip(model, opt)
+                if release:
+                    results["fsdp_remainder/full_state_dict"] = full_state_dict_round_trip(model, opt, init)
+    # an fp32 model cast to bf16 shards keeps its float32 values exactly in the remainders
+    init32 = {k: v.float() * (1 + 2**-12) for k, v in init.items()}  # low bits a bf16 cast drops
+    model = sharded_net(init32, torch.float32)
+    opt = optimi.AdamW(model.parameters(), lr=1e-2, low_precision="remainder")
+    optimi.to_low_precision(model, torch.bfloat16, optimizer=opt)
+    results["fsdp_to_low_precision_exact"] = all(local(p).dtype == torch.bfloat16 for p in model.parameters()) and all(
+        torch.equal(opt.master_param(p).full_tensor(), init32[name]) for name, p in model.named_parameters()
+    )
+    # ... and trains on as one process cast the same way does (FSDP2 gathers the new bf16 shards)
+    single = Net()
+    single.load_state_dict(init32)
+    single_opt = optimi.AdamW(single.parameters(), lr=1e-2, low_precision="remainder")
+    optimi.to_low_precision(single, torch.bfloat16, optimizer=single_opt)
+    train(single, single_opt, reference_data, rows=slice(None), release=False)
+    train(model, opt, reference_data, rows=rows, release=False)
+    results["fsdp_to_low_precision_trains"] = rel_err(
+        {n: opt.master_param(p).full_tensor() for n, p in model.named_parameters()},
+        {n: single_opt.master_param(p) for n, p in single.named_parameters()},
+    )
     return results
+
+
+def full_state_dict_round_trip(model: nn.Module, opt: Any, init: dict[str, Tensor]) -> dict[str, bool]:
+    """The full (all-gathered) optimizer state dict of int16 remainders, into one process and back into shards.
+
+    gloo and NCCL cannot all-gather int16: the state dict carries remainders as bf16-typed bits
+    ([Note: remainders travel as bf16 bits] in optimi/optimizer.py).
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    full = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+    masters = {name: opt.master_param(p).full_tensor() for name, p in model.named_parameters()}
+    weights = {name: p.full_tensor() for name, p in model.named_parameters()}
+    single = Net().to(torch.bfloat16)
+    single.load_state_dict(weights)
+    single_opt = optimi.AdamW(single.parameters(), lr=1e-2, low_precision="remainder")
+    single_opt.load_state_dict(full)
+    resharded = sharded_net(init, torch.bfloat16)
+    resharded.load_state_dict(model.state_dict())
+    resharded_opt = optimi.AdamW(resharded.parameters(), lr=1e-2, low_precision="remainder")
+    set_optimizer_state_dict(resharded, resharded_opt, full, options=StateDictOptions(full_state_dict=True))
+    return {
+        "one_process": all(torch.equal(single_opt.master_param(p), masters[n]) for n, p in single.named_parameters()),
+        "resharded": all(
+            torch.equal(resharded_opt.master_param(p).full_tensor(), masters[n])
+            and resharded_opt.state[p]["remainder"].dtype == torch.int16
+            for n, p in resharded.named_parameters()
+        ),
+    }
 
 
 SCENARIOS = {
