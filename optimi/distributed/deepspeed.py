@@ -27,7 +27,12 @@ for optimi:
   fp32 master copy (4 bytes/param of master weights plus fp32 moments). With
   ``bf16_master_weights_and_grads`` and ``bf16_optimizer_states`` the partition is bf16, so optimi
   keeps bf16 moments and, as for any bf16 parameter, turns on Kahan summation for it: the bf16
-  compensation buffer takes the place of the fp32 master copy.
+  compensation buffer takes the place of the fp32 master copy. The other ``low_precision`` modes
+  apply to the partition as to any bf16 tensor: ``"remainder"`` keeps an int16 remainder per
+  element (an exact fp32 master at the Kahan buffer's 2 bytes), ``"stochastic"`` keeps nothing.
+  Stochastic rounding hashes each element's index in this rank's partition (DeepSpeed's flat
+  partitions are plain tensors, unlike FSDP2's DTensors): a run is reproducible at a given world
+  size, but, unlike FSDP2, the bits change with the world size.
 """
 
 from __future__ import annotations
@@ -146,10 +151,15 @@ def prepare_config(optimizer: torch.optim.Optimizer, config: dict[str, Any]) -> 
             )
         if stage == 0:
             raise ValueError("bf16_master_weights_and_grads needs ZeRO stage 1, 2 or 3 (DeepSpeed rejects stage 0)")
-        if any(group.get("kahan_sum") is False for group in optimizer.param_groups):
+        if any(
+            group.get("low_precision") == "nearest"
+            or (group.get("low_precision") is None and group.get("kahan_sum") is False)
+            for group in optimizer.param_groups
+        ):
             logger.warning(
-                "%s has kahan_sum=False with bf16 master weights: updates smaller than a bf16 ulp are lost; "
-                "leave kahan_sum=None to compensate them",
+                "%s rounds to nearest (kahan_sum=False or low_precision='nearest') with bf16 master weights: "
+                "updates smaller than a bf16 ulp are lost; leave kahan_sum=None to compensate them, or use "
+                "low_precision='stochastic' or 'remainder'",
                 name,
             )
 
@@ -257,8 +267,10 @@ def deepspeed_rank_memory(engine: Any) -> dict[str, int]:
     for state in basic.state.values():
         for key, value in state.items():
             if isinstance(value, Tensor) and value.dim() > 0:
-                # kahan_comp, and Ranger's slow-weight slow_comp (memory.count_tensors' convention)
-                counts["kahan" if key.endswith("_comp") else "optimizer_states"] += take(value)
+                # kahan_comp, Ranger's slow-weight slow_comp and the int16 remainder of
+                # low_precision="remainder" (memory.count_tensors' convention)
+                low_bits = key.endswith("_comp") or key == "remainder"
+                counts["kahan" if low_bits else "optimizer_states"] += take(value)
     counts["optimizer_states"] += counts["kahan"]
 
     masters = [p for g in basic.param_groups for p in g["params"]]
