@@ -1,6 +1,7 @@
 """Convergence of the small GPT in fp32, pure bf16, bf16 + Kahan summation and mixed precision.
 
     OMP_NUM_THREADS=1 python scripts/bench_convergence.py --steps 600 --plot docs/convergence.png
+    python scripts/bench_convergence.py --steps 600 --nproc 2 -- --parallel fsdp2  # FSDP2, 2 CPU ranks
 
 Trains ``scripts/train.py``'s byte-level GPT on the standard library's source six times with the
 same seed, data order and optimizer (AdamW by default), changing only the precision:
@@ -16,12 +17,19 @@ Prints a Markdown table of the held-out loss of each run and the share of the bf
 each low-precision mode closes, e.g. ``(bf16 - bf16_kahan) / (bf16 - fp32)``. With matplotlib installed
 (``pip install -e ".[bench]"``) ``--plot`` writes the smoothed training-loss curves as a PNG.
 Every other flag of ``scripts/train.py`` (model size, lr, schedule, batch) can be passed after ``--``.
+With ``--nproc N`` each run is ``torchrun --nproc_per_node N scripts/train.py ...`` (pass the
+parallelism after ``--``, e.g. ``--parallel fsdp2``); the global batch and data order are those of
+one process, so the runs are comparable across world sizes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -53,23 +61,42 @@ def smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
+def run_ranks(nproc: int, argv: list[str]) -> float:
+    """``scripts/train.py argv`` under torchrun on ``nproc`` CPU ranks; returns its held-out loss."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = Path(__file__).resolve().parent / "train.py"
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    command += ["--master_addr=127.0.0.1", f"--master_port={port}", str(script), *argv]
+    environment = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    finished = subprocess.run(command, env=environment, capture_output=True, text=True)
+    held_out = re.findall(r"held-out loss ([0-9.]+)", finished.stdout + finished.stderr)
+    if finished.returncode != 0 or not held_out:
+        sys.exit(f"train.py failed (rc={finished.returncode}):\n{finished.stdout[-3000:]}\n{finished.stderr[-3000:]}")
+    return float(held_out[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--optimizer", default="adamw")
     parser.add_argument("--plot", default=None, help="write the loss curves to this PNG (needs matplotlib)")
+    parser.add_argument("--nproc", type=int, default=1, help="ranks per run (torchrun; pass --parallel after --)")
+    parser.add_argument("--runs", default=None, help="comma-separated run names to keep (default: all)")
     parser.add_argument("train_args", nargs="*", help="extra scripts/train.py flags, after --")
     args = parser.parse_args()
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, flags in RUNS.items():
+        chosen = {name: flags for name, flags in RUNS.items() if args.runs is None or name in args.runs.split(",")}
+        for name, flags in chosen.items():
             metrics = Path(tmp) / f"{len(results)}.jsonl"
             argv = ["--steps", str(args.steps), "--optimizer", args.optimizer, "--log-every", str(args.steps)]
             argv += flags + ["--metrics-file", str(metrics)] + args.train_args
             print(f"== {name}: train.py {' '.join(argv[:6] + flags + args.train_args)}", flush=True)
             started = time.perf_counter()
-            val_loss = train.main(argv)
+            val_loss = train.main(argv) if args.nproc == 1 else run_ranks(args.nproc, argv)
             losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
             results[name] = {"val": val_loss, "train": losses, "seconds": time.perf_counter() - started}
 
@@ -78,10 +105,13 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for name, r in results.items():
         print(f"| {name} | {sum(r['train'][-window:]) / window:.4f} | {r['val']:.4f} | {r['seconds']:.0f} |")
+    if "fp32" not in results or "bf16" not in results:
+        return
     fp32, bf16 = results["fp32"]["val"], results["bf16"]["val"]
     gap = bf16 - fp32
     if gap > 0:
-        for name in ("bf16 + Kahan", "bf16 + stochastic rounding", "bf16 + remainder (exact fp32 master)"):
+        modes = ("bf16 + Kahan", "bf16 + stochastic rounding", "bf16 + remainder (exact fp32 master)")
+        for name in (mode for mode in modes if mode in results):
             closed = 100 * (bf16 - results[name]["val"]) / gap
             print(f"{name} closes {closed:.0f}% of the bf16 -> fp32 held-out gap ({gap:.4f})")
     else:

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 
@@ -190,10 +192,26 @@ def test_remainder_state_round_trips_through_state_dict():
         params[0].grad = open_loop_grad((16, 8), step, 0)
         optimizer.step()
     saved = optimizer.state_dict()
-    assert saved["state"][0]["remainder"].dtype == torch.int16
-    copy = [torch.nn.Parameter(params[0].detach().clone())]
-    restored = optimi.AdamW(copy, lr=1e-5, low_precision="remainder")
-    restored.load_state_dict(saved)
+    # carried as bf16-typed bits ([Note: remainders travel as bf16 bits]): the live state stays int16
+    assert saved["state"][0]["remainder"].dtype == torch.bfloat16
+    assert optimizer.state[params[0]]["remainder"].dtype == torch.int16
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    buffer.seek(0)
+    int16_form = {
+        **saved,
+        "state": {0: {**saved["state"][0], "remainder": saved["state"][0]["remainder"].view(torch.int16)}},
+    }
+    for state_dict in (torch.load(buffer), int16_form):
+        copy = [torch.nn.Parameter(params[0].detach().clone())]
+        restored = optimi.AdamW(copy, lr=1e-5, low_precision="remainder")
+        restored.load_state_dict(state_dict)
+        assert restored.state[copy[0]]["remainder"].dtype == torch.int16
+        assert torch.equal(restored.master_param(copy[0]), optimizer.master_param(params[0]))
+    # and the last one restored steps on as the original does
+    for opt, param in ((optimizer, params[0]), (restored, copy[0])):
+        param.grad = open_loop_grad((16, 8), 9, 0)
+        opt.step()
     assert torch.equal(restored.master_param(copy[0]), optimizer.master_param(params[0]))
 
 
@@ -299,6 +317,36 @@ def test_stochastic_state_dict_keeps_the_seed():
     params = [torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16))]
     optimizer = optimi.AdamW([{"params": params, "rounding_seed": 7}], lr=1e-3, low_precision="stochastic")
     assert optimizer.state_dict()["param_groups"][0]["rounding_seed"] == 7
+
+
+@pytest.mark.parametrize("mode", ["stochastic", "remainder"])
+def test_a_resumed_run_continues_bit_identically(mode):
+    """6 steps straight through == 3 steps, state_dict through torch.save, a fresh optimizer, 3 more."""
+    shape = (16, 8)
+
+    def fresh(values: torch.Tensor, seed: int = 11) -> tuple[torch.nn.Parameter, optimi.AdamW]:
+        param = torch.nn.Parameter(values.clone())
+        return param, optimi.AdamW([{"params": [param], "rounding_seed": seed}], lr=1e-3, low_precision=mode)
+
+    start = bf16_values(shape, 0).to(torch.bfloat16)
+    straight, straight_opt = fresh(start)
+    first, first_opt = fresh(start)
+    for step in range(3):
+        for param, opt in ((straight, straight_opt), (first, first_opt)):
+            param.grad = open_loop_grad(shape, step, 0)
+            opt.step()
+    buffer = io.BytesIO()
+    torch.save(first_opt.state_dict(), buffer)
+    buffer.seek(0)
+    resumed, resumed_opt = fresh(first.detach(), seed=0)  # the state dict brings back the seed and steps
+    resumed_opt.load_state_dict(torch.load(buffer))
+    for step in range(3, 6):
+        for param, opt in ((straight, straight_opt), (resumed, resumed_opt)):
+            param.grad = open_loop_grad(shape, step, 0)
+            opt.step()
+    assert torch.equal(resumed, straight)
+    assert torch.equal(resumed_opt.master_param(resumed), straight_opt.master_param(straight))
+    assert not torch.equal(straight, start)
 
 
 # -- arguments -------------------------------------------------------------------------------------
