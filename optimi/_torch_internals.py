@@ -67,6 +67,7 @@ __all__ = [
     "precision_cast_options",
     "report",
     "switch_off",
+    "works_but_slower",
     "torch_version",
 ]
 
@@ -110,6 +111,8 @@ def torch_version(version: str | None = None) -> tuple[int, int]:
 _ENABLED: dict[str, bool] = {}
 # trick -> why it is off, or "engaged" once it has done its work and passed its check
 _STATUS: dict[str, str] = {}
+# tricks switched off by disable_for_speed: they passed their self-checks
+_SLOWER_HERE: set[str] = set()
 
 
 def _initial_switches() -> dict[str, bool]:
@@ -168,8 +171,19 @@ def disable_for_speed(name: str, reason: str) -> None:
     """Disable trick ``name`` for the rest of the process because it is slower here; logged, no warning."""
     enabled(name)
     _ENABLED[name] = False
+    _SLOWER_HERE.add(name)
     _STATUS[name] = f"off: {reason}"
     logging.getLogger("optimi").info("optimi: the fused backend's %r optimization is off: %s", name, reason)
+
+
+def works_but_slower(name: str) -> bool:
+    """Whether trick ``name`` is on, or off only because :func:`disable_for_speed` found it slower.
+
+    Such a trick still passed every self-check: code for which the comparison that turned it off
+    does not hold may still use it (the fused float32-master rows use packed columns, whose int16
+    bits the plain kernel cannot vectorize on CPU, [Note: one-pass float32 masters]).
+    """
+    return enabled(name) or name in _SLOWER_HERE
 
 
 def note_engaged(name: str) -> None:
@@ -190,8 +204,9 @@ def override(**switches: bool) -> Iterator[None]:
     if unknown:
         raise ValueError(f"unknown fused-backend tricks {sorted(unknown)}; expected names from {sorted(TRICKS)}")
     enabled(next(iter(TRICKS)))
-    saved, saved_status = dict(_ENABLED), dict(_STATUS)
+    saved, saved_status, saved_slower = dict(_ENABLED), dict(_STATUS), set(_SLOWER_HERE)
     _ENABLED.update(switches)
+    _SLOWER_HERE.difference_update(switches)  # forced means forced, for every kind of row
     try:
         yield
     finally:
@@ -199,6 +214,8 @@ def override(**switches: bool) -> Iterator[None]:
         _ENABLED.update(saved)
         _STATUS.clear()
         _STATUS.update(saved_status)
+        _SLOWER_HERE.clear()
+        _SLOWER_HERE.update(saved_slower)
 
 
 # -- the internals themselves -------------------------------------------------------------------

@@ -49,11 +49,14 @@ def restore_tricks(monkeypatch):
     """Skip the packed kernel's once-per-process speed check, as ``tests/test_fused.py`` does."""
     _torch_internals.enabled("direct_calls")
     saved, status = dict(_torch_internals._ENABLED), dict(_torch_internals._STATUS)
+    slower = set(_torch_internals._SLOWER_HERE)
     monkeypatch.setattr(compilation, "_PACKED_SPEED_CHECKED", True)
     yield
     _torch_internals._ENABLED.update(saved)
     _torch_internals._STATUS.clear()
     _torch_internals._STATUS.update(status)
+    _torch_internals._SLOWER_HERE.clear()
+    _torch_internals._SLOWER_HERE.update(slower)
 
 
 def random_words(count: int, seed: int) -> torch.Tensor:
@@ -249,6 +252,27 @@ def test_in_kernel_sgd_is_bit_identical_to_the_for_loop(mode):
     expected = loop_params + state_tensors(loop, loop_params)
     for a, b in zip(fused_params + state_tensors(fused, fused_params), expected):
         assert same_bits(a, b)
+
+
+def test_master_rows_stay_packed_where_packing_lost_only_the_speed_comparison(monkeypatch):
+    """On CPUs where plain bf16 rows run faster unpacked (the once-per-process comparison switches
+    packing off), float32-master rows keep their packed kernel: their plain kernel runs the int16
+    columns as a scalar loop (measured 5x slower on this machine, docs/backends.md). A failed
+    self-check, or a forced switch, still turns them off."""
+    _torch_internals.disable_for_speed("packed_pairs", "slower than the plain kernel (test)")
+    packed_flags = []
+    flat_row = dispatch._flat_row
+    monkeypatch.setattr(dispatch, "_flat_row", lambda row, packed, master: packed_flags.append(packed) or
+                        flat_row(row, packed, master))  # fmt: skip
+    fused_params, fused = trained("sgd", "remainder", "fused")
+    assert packed_flags and all(packed_flags)
+    loop_params, loop = trained("sgd", "remainder", "for_loop")
+    for a, b in zip(fused_params + state_tensors(fused, fused_params), loop_params + state_tensors(loop, loop_params)):
+        assert same_bits(a, b)
+    packed_flags.clear()
+    with _torch_internals.override(packed_pairs=False):
+        trained("sgd", "remainder", "fused")
+    assert packed_flags and not any(packed_flags)
 
 
 def test_gradient_release_with_the_in_kernel_remainder_steps_as_step_does():

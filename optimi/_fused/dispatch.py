@@ -18,7 +18,7 @@ from optimi._fused.masters import through_master
 from optimi._fused.ops import SPLIT
 from optimi._fused.packing import pairs_fit
 from optimi._low_precision import MasterRows, hash_offset
-from optimi._torch_internals import TRICKS, enabled
+from optimi._torch_internals import TRICKS, enabled, works_but_slower
 
 __all__ = ["FALLBACK_BACKEND", "compiled_configurations", "fallen_back_configurations", "run_fused"]
 
@@ -86,6 +86,9 @@ def run_fused(
     # the switches that change how a step compiles; packing has its own place in the key
     tricks = tuple(enabled(name) for name in TRICKS if name != "packed_pairs")
     pack_pairs = enabled("packed_pairs")
+    # float32-master rows keep packed columns where only the speed comparison of plain rows turned
+    # packing off: their plain kernel runs int16 columns as a scalar loop ([Note: one-pass float32 masters])
+    pack_master_pairs = works_but_slower("packed_pairs")
 
     # rows whose compiled graph is called directly run last, one after the other: the Python
     # between two kernels runs on caches the previous kernel flushed ([Note: calling the compiled
@@ -112,7 +115,7 @@ def run_fused(
         # graph directly] on why per-call Python matters)
         dtypes: list[Any] = []
         number_columns: list[int] = []
-        contiguous, packable = True, pack_pairs
+        contiguous, packable = True, pack_master_pairs if master is not None else pack_pairs
         for column, t in enumerate(row):
             if isinstance(t, Tensor):
                 dtypes.append(t.dtype)
