@@ -131,14 +131,17 @@ def torchao_adamw(directory: str) -> tuple[str, Callable]:
     raise ImportError(f"torchao {version}: no AdamW class taking bf16_stochastic_round in torchao.optim")
 
 
-def heavyball_adamw(directory: str, storage_dtype: str) -> tuple[str, Callable]:
-    """heavyball's AdamW with ``param_ecc="bf16+16"``, moments stored in ``storage_dtype``."""
+def heavyball_adamw(directory: str, storage_dtype: str, param_ecc: bool = True) -> tuple[str, Callable]:
+    """heavyball's AdamW, moments stored in ``storage_dtype``; with ``param_ecc="bf16+16"`` or without."""
     heavyball = load_peer(directory, "heavyball")
     version = peer_version(heavyball, "heavyball")
     cls = getattr(heavyball, "AdamW", None)
     if cls is None or "param_ecc" not in inspect.signature(cls).parameters:
         raise ImportError(f"heavyball {version}: no AdamW taking param_ecc")
     moments = {"float32": "fp32", "bfloat16": "bf16"}[storage_dtype]
+    if not param_ecc:
+        label = f"heavyball {version} AdamW, {moments} moments"
+        return label, functools.partial(cls, **HYPER, storage_dtype=storage_dtype)
     label = f"heavyball {version} AdamW(param_ecc='bf16+16'), {moments} moments"
     return label, functools.partial(cls, **HYPER, param_ecc="bf16+16", storage_dtype=storage_dtype)
 
@@ -167,8 +170,10 @@ class Candidate:
     mode: str
     #: the optimi backend ("for_loop", "foreach", "fused"), or None for a peer
     backend: str | None
-    #: builds the optimizer over a list of bf16 parameters
+    #: builds the optimizer over a list of parameters
     make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+    #: the parameters' dtype (bench_step's names): bf16, or fp32 for the torch.optim baseline
+    dtype: str = "bf16"
 
 
 def candidates(args: argparse.Namespace, notes: list[str]) -> list[Candidate]:
@@ -185,12 +190,16 @@ def candidates(args: argparse.Namespace, notes: list[str]) -> list[Candidate]:
                     lambda params, kw=flags: optimi.AdamW(params, **HYPER, **kw),
                 )
             )
+    # the baseline every mode is measured against: fp32 parameters and state, torch's fused kernel
+    fused_fp32 = functools.partial(torch.optim.AdamW, **HYPER, fused=True)
+    rows.append(Candidate("torch.optim.AdamW(fused=True), fp32 parameters", "none (fp32)", None, fused_fp32, "fp32"))
     peers = []
     if args.torchao:
         peers.append(("torchao", "stochastic", lambda: torchao_adamw(args.torchao)))
     if args.heavyball:
         for storage in ("float32", "bfloat16"):
             peers.append(("heavyball", "nearest + int16 ecc", lambda s=storage: heavyball_adamw(args.heavyball, s)))
+        peers.append(("heavyball", "nearest", lambda: heavyball_adamw(args.heavyball, "bfloat16", param_ecc=False)))
     for name, mode, load in peers:
         try:
             label, make = load()
@@ -228,7 +237,7 @@ def step_table(args: argparse.Namespace, notes: list[str]) -> list[str]:
     timed = []
     for index, row in enumerate(candidates(args, notes)):
         try:
-            impl = build(row.label, "bf16", row.make, numel, device, seed=index, split=split)
+            impl = build(row.label, row.dtype, row.make, numel, device, seed=index, split=split)
             # the first steps allocate the state and, for compiled paths, compile
             for _ in range(2):
                 refresh_grads(impl)
@@ -264,7 +273,9 @@ def comparisons(timed: list[Timed]) -> list[str]:
     """One line per peer: its median against optimi's fastest backend in the matching mode."""
     lines = []
     for peer in (t for t in timed if t.candidate.backend is None):
-        mode = "stochastic" if peer.candidate.mode == "stochastic" else "remainder"
+        mode = {"stochastic": "stochastic", "nearest": "nearest", "none (fp32)": "nearest"}.get(
+            peer.candidate.mode, "remainder"
+        )
         ours = [t for t in timed if t.candidate.backend and t.candidate.mode == mode]
         if not ours:
             continue
@@ -274,6 +285,22 @@ def comparisons(timed: list[Timed]) -> list[str]:
             f"{peer.state_bytes:.2f} B/param of state; optimi {ours.candidate.backend.replace('_', '-')} {mode}: "
             f"{ours.median * 1e3:.2f} ms (min {ours.fastest * 1e3:.2f}), {ours.state_bytes:.2f} B/param; "
             f"the peer takes {peer.median / ours.median:.2f}x the time (min: {peer.fastest / ours.fastest:.2f}x)"
+        )
+    # the goal: every optimi mode (on its fastest backend) faster than every peer and the fp32 baseline
+    peers = [t for t in timed if t.candidate.backend is None]
+    best_per_mode = {}
+    for t in (t for t in timed if t.candidate.backend):
+        if t.candidate.mode not in best_per_mode or t.median < best_per_mode[t.candidate.mode].median:
+            best_per_mode[t.candidate.mode] = t
+    if peers and best_per_mode:
+        slowest = max(best_per_mode.values(), key=lambda t: t.median)
+        fastest_peer = min(peers, key=lambda t: t.median)
+        verdict = "faster" if slowest.median < fastest_peer.median else "NOT faster"
+        lines.append(
+            f"slowest optimi mode on its fastest backend: {slowest.candidate.mode} "
+            f"({slowest.candidate.backend.replace('_', '-')}) {slowest.median * 1e3:.2f} ms; fastest other "
+            f"implementation: {fastest_peer.candidate.label} {fastest_peer.median * 1e3:.2f} ms: every optimi mode "
+            f"is {verdict} than every other implementation"
         )
     return lines
 
