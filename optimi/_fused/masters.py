@@ -32,8 +32,9 @@ vectorize int16 columns, so the plain layout (an odd length or offset, or packin
 by a failed self-check) is a scalar loop; for the same reason a float32-master step never runs the
 process-wide timing of packed against plain kernels, and keeps packing where that timing turned
 it off for plain rows (``works_but_slower`` in ``_torch_internals.py``: 34.5 -> 7.15 ms per AdamW
-step of 20 x 2^18 elements on a Sapphire Rapids, where plain rows run faster unpacked). Measured (``scripts/bench_fused_masters.py``, AdamW, 20 x 2^18 bf16
-elements, 1 thread, minimum of 30 steps): remainder 39.4 -> 8.66 ms per step against the eager
+step of 20 x 2^18 elements on a Sapphire Rapids, where plain rows run faster unpacked).
+Measured (``scripts/bench_fused_masters.py``, AdamW, 20 x 2^18 bf16 elements, 1 thread, minimum
+of 30 steps): remainder 39.4 -> 8.66 ms per step against the eager
 master (Kahan: 9.37 ms), stochastic 74.5 -> 14.7 ms.
 
 fp16 ``"stochastic"`` parameters keep the eager write-back: their rounding needs fp16's
