@@ -68,6 +68,7 @@ class Adam(OptimiOptimizer):
         triton: bool | None = None,
         gradient_release: bool = False,
         fused: bool | None = None,
+        max_grad_norm: float | None = None,
     ):
         defaults = dict(
             lr=lr,
@@ -83,6 +84,7 @@ class Adam(OptimiOptimizer):
             triton=triton,
             gradient_release=gradient_release,
             fused=fused,
+            max_grad_norm=max_grad_norm,
         )
         super().__init__(params, {**defaults, **self._extra_defaults()})
 

@@ -49,6 +49,7 @@ class AdamW(Adam):
         triton: bool | None = None,
         gradient_release: bool = False,
         fused: bool | None = None,
+        max_grad_norm: float | None = None,
     ):
         super().__init__(
             params,
@@ -65,4 +66,5 @@ class AdamW(Adam):
             triton=triton,
             gradient_release=gradient_release,
             fused=fused,
+            max_grad_norm=max_grad_norm,
         )

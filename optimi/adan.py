@@ -74,6 +74,7 @@ class Adan(OptimiOptimizer):
         triton: bool | None = None,
         gradient_release: bool = False,
         fused: bool | None = None,
+        max_grad_norm: float | None = None,
     ):
         defaults = dict(
             lr=lr,
@@ -89,6 +90,7 @@ class Adan(OptimiOptimizer):
             triton=triton,
             gradient_release=gradient_release,
             fused=fused,
+            max_grad_norm=max_grad_norm,
         )
         super().__init__(params, defaults)
 

@@ -56,6 +56,7 @@ class Lion(OptimiOptimizer):
         triton: bool | None = None,
         gradient_release: bool = False,
         fused: bool | None = None,
+        max_grad_norm: float | None = None,
     ):
         defaults = dict(
             lr=lr,
@@ -69,6 +70,7 @@ class Lion(OptimiOptimizer):
             triton=triton,
             gradient_release=gradient_release,
             fused=fused,
+            max_grad_norm=max_grad_norm,
         )
         super().__init__(params, defaults)
 

@@ -71,6 +71,7 @@ class Ranger(RAdam):
         triton: bool | None = None,
         gradient_release: bool = False,
         fused: bool | None = None,
+        max_grad_norm: float | None = None,
     ):
         # Lookahead's hyperparameters join RAdam's defaults through Adam's _extra_defaults
         self._lookahead_defaults = {"k": k, "alpha": alpha}
@@ -89,6 +90,7 @@ class Ranger(RAdam):
             triton=triton,
             gradient_release=gradient_release,
             fused=fused,
+            max_grad_norm=max_grad_norm,
         )
 
     def _extra_defaults(self) -> dict[str, Any]:

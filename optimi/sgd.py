@@ -62,6 +62,7 @@ class SGD(OptimiOptimizer):
         triton: bool | None = None,
         gradient_release: bool = False,
         fused: bool | None = None,
+        max_grad_norm: float | None = None,
     ):
         defaults = dict(
             lr=lr,
@@ -78,6 +79,7 @@ class SGD(OptimiOptimizer):
             triton=triton,
             gradient_release=gradient_release,
             fused=fused,
+            max_grad_norm=max_grad_norm,
         )
         super().__init__(params, defaults)
 

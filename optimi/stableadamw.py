@@ -76,6 +76,7 @@ class StableAdamW(Adam):
         triton: bool | None = None,
         gradient_release: bool = False,
         fused: bool | None = None,
+        max_grad_norm: float | None = None,
     ):
         # Adam's hyperparameters, validation and state (two moments); weight decay is always
         # decoupled, so the group's decouple_wd is pinned to True, as torch's AdamW pins Adam's
@@ -94,6 +95,7 @@ class StableAdamW(Adam):
             triton=triton,
             gradient_release=gradient_release,
             fused=fused,
+            max_grad_norm=max_grad_norm,
         )
 
     def _step_group(

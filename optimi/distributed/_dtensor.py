@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
+from optimi._clipping import sum_of_squares
 from optimi._low_precision import MASTER_MODES
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "local_nbytes",
     "first_element_index",
     "map_local",
+    "global_sum_of_squares",
     "full_tensor",
     "shard_groups",
     "step_local",
@@ -134,6 +136,25 @@ def map_local(function: Callable[..., Tensor], like: Tensor, *tensors: Tensor) -
     """
     result = function(*(local(t) for t in tensors))
     return _wrap_like(result, like) if isinstance(like, DTensor) else result
+
+
+def global_sum_of_squares(grads: Sequence[Tensor]) -> Tensor:
+    """``sum_i ||g_i||^2`` over the whole tensors of possibly sharded ``grads`` (0-d float32; collective).
+
+    Each rank sums the squares of its local shards; shards of one process group are added with
+    one all-reduce per group (FSDP2: a single scalar all-reduce), while replicated or plain
+    gradients, identical on every rank (DDP averages them), count once.
+    """
+    by_groups: dict[tuple[dist.ProcessGroup, ...], list[Tensor]] = {}
+    for grad in grads:
+        by_groups.setdefault(shard_groups(grad), []).append(local(grad))
+    total: Tensor | None = None
+    for groups, tensors in by_groups.items():
+        partial = sum_of_squares(tensors)
+        for group in groups:
+            dist.all_reduce(partial, group=group)
+        total = partial if total is None else total + partial.to(total.device)
+    return total if total is not None else torch.zeros((), dtype=torch.float32)
 
 
 def _local_state(state: dict[str, Any]) -> dict[str, Any]:

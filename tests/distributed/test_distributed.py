@@ -268,3 +268,20 @@ def test_fsdp2_stableadamw_remainder_reduces_each_tensors_rms(low_precision):
     """Master modes step one shard at a time; StableAdamW's RMS must still cover each whole tensor."""
     for rank in low_precision:
         assert rank["fsdp_stableadamw_remainder"] < BF16_RTOL
+
+
+@pytest.fixture(scope="module")
+def clipping() -> list[dict[str, Any]]:
+    return run_ranks("clipping")
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd", "stableadamw"])
+@pytest.mark.parametrize("kind", ["fsdp2", "ddp"])
+def test_max_grad_norm_step_matches_clip_grad_norm_on_one_process(clipping, kind, name):
+    """6 fp32 steps, most clipped: the global norm covers every rank's shard (FSDP2: one all-reduce;
+    DDP: already averaged gradients), identical on every rank, and the clip is clip_grad_norm_'s."""
+    for rank in clipping:
+        row = rank[f"{kind}/{name}"]
+        assert row["clipped_steps"] >= 3, row
+        assert row["norm_rel_err"] < 1e-6, row
+        assert row["rel_err"] < 1e-6, row

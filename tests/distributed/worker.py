@@ -683,7 +683,50 @@ def full_state_dict_round_trip(model: nn.Module, opt: Any, init: dict[str, Tenso
     }
 
 
+def scenario_clipping() -> dict[str, Any]:
+    """``max_grad_norm`` with ``step()`` on FSDP2 and DDP against one process running
+    ``clip_grad_norm_`` + ``step()`` on the full batch ([Note: gradient clipping and the non-finite guard])."""
+    results: dict[str, Any] = {}
+    rows = my_rows()
+    init = fresh_init(torch.float32)
+    data = make_data(6, 1, torch.float32)
+    max_norm = 0.2  # below the first steps' norms (about 0.3-0.6): most steps clip
+    builders = {
+        "adamw": lambda params, **kw: optimi.AdamW(params, lr=1e-2, weight_decay=1e-2, foreach=False, **kw),
+        "sgd": lambda params, **kw: optimi.SGD(params, lr=5e-2, momentum=0.9, foreach=False, **kw),
+        "stableadamw": lambda params, **kw: optimi.StableAdamW(params, lr=1e-2, foreach=False, **kw),
+    }
+    for name, build in builders.items():
+        single = Net()
+        single.load_state_dict(init)
+        single_opt = build(single.parameters())
+        reference_norms = []
+        for ((x, y),) in data:
+            nn.functional.mse_loss(single(x), y).backward()
+            reference_norms.append(torch.nn.utils.clip_grad_norm_(single.parameters(), max_norm).item())
+            single_opt.step()
+            single_opt.zero_grad()
+        reference = {k: v.detach().clone() for k, v in single.named_parameters()}
+        for kind in ("fsdp2", "ddp"):
+            model = sharded_net(init, torch.float32) if kind == "fsdp2" else ddp_net(init, torch.float32)
+            opt = build(model.parameters(), max_grad_norm=max_norm)
+            norms = []
+            for ((x, y),) in data:
+                nn.functional.mse_loss(model(x[rows]), y[rows]).backward()
+                opt.step()
+                opt.zero_grad()
+                norms.append(opt.grad_norm.item())
+            params = full_params(model.module if kind == "ddp" else model)
+            results[f"{kind}/{name}"] = {
+                "rel_err": rel_err(params, reference),
+                "norm_rel_err": max(abs(a - b) / b for a, b in zip(norms, reference_norms)),
+                "clipped_steps": sum(n > max_norm for n in reference_norms),
+            }
+    return results
+
+
 SCENARIOS = {
+    "clipping": scenario_clipping,
     "low_precision": scenario_low_precision,
     "fsdp": scenario_fsdp,
     "ddp": scenario_ddp,
