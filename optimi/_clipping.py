@@ -9,6 +9,20 @@ Across ranks the norm is that of the whole model: FSDP2's gradient shards add th
 with one all-reduce (``optimi/distributed/_dtensor.py``); DDP's gradients are already averaged and
 identical on every rank, so no collective is needed.
 
+[Note: clipping under gradient release]
+Under gradient release each parameter steps the moment its gradient is ready, before the global
+norm exists. Each release step therefore scales its gradient by the coefficient of the *previous*
+backward's global norm (:class:`ReleaseClipping`): the norm is accumulated as the gradients pass
+by (their squares summed, at no extra pass over memory) and completed when the backward ends (an
+autograd end-of-backward callback; FSDP2 adds the shards' partial sums there with one scalar
+all-reduce) or, for DDP, whose release steps run in the all-reduce's callback thread, when the
+next backward begins or ``grad_norm`` is read. The first backward is not clipped (there is no
+previous norm yet). With optimizer accumulation each backward's gradient is clipped by the
+previous backward's norm, and ``grad_norm`` is the norm of the last backward's gradient, not of
+the accumulated step. A parameter whose gradient is not finite is skipped (its weights and state
+untouched, counted in ``skipped_steps``; under FSDP2 the check is per shard), the others step;
+its squares are left out of the coefficient, while ``grad_norm`` reports the backward as non-finite.
+
 A gradient whose norm is not finite (an inf or NaN anywhere) would write NaN into the weights and
 the optimizer state, for good. ``step()`` therefore skips the whole step when the global norm is
 not finite: no weight, state or step counter changes, ``optimizer.skipped_steps`` grows by one and
@@ -22,12 +36,14 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "CLIP_EPS",
+    "ReleaseClipping",
     "WARNING_INTERVAL",
     "check_max_grad_norm",
     "clip_coefficient",
@@ -86,6 +102,42 @@ def scale_(tensors: Sequence[Tensor], coefficient: Tensor) -> None:
         by_device.setdefault(tensor.device, []).append(tensor)
     for device, group in by_device.items():
         torch._foreach_mul_(group, coefficient.to(device))
+
+
+class ReleaseClipping:
+    """The running norm of one backward under gradient release ([Note: clipping under gradient release]).
+
+    ``partial_sums`` maps the process groups a gradient is sharded over (``()`` for a whole tensor)
+    to the sum of squares of the finite gradients seen so far in this backward.
+    """
+
+    def __init__(self) -> None:
+        self.partial_sums: dict[tuple[Any, ...], Tensor] = {}
+        #: parameters (by id) seen in this backward: one seen again means a new backward began
+        self.seen: set[int] = set()
+        self.non_finite = False
+        #: whether the end of this backward will complete the norm (an autograd callback is queued)
+        self.finishes_itself = False
+        #: the previous backward's clip coefficient (None: nothing to clip by yet)
+        self.coefficient: Tensor | None = None
+
+    def observe(self, key: tuple[Any, ...], local_grad: Tensor) -> bool:
+        """Add ``local_grad``'s squares to this backward's norm; False where they are not finite."""
+        squares = sum_of_squares([local_grad])
+        if not bool(torch.isfinite(squares)):  # one host synchronization per parameter
+            self.non_finite = True
+            # the key still joins this backward's reduction: every rank must reduce the same keys
+            self.partial_sums.setdefault(key, torch.zeros((), dtype=torch.float32, device=squares.device))
+            return False
+        previous = self.partial_sums.get(key)
+        self.partial_sums[key] = squares if previous is None else previous + squares.to(previous.device)
+        return True
+
+    def reset(self) -> None:
+        self.partial_sums = {}
+        self.seen = set()
+        self.non_finite = False
+        self.finishes_itself = False
 
 
 class _SkipWarnings:

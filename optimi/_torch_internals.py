@@ -54,6 +54,7 @@ __all__ = [
     "Trick",
     "bare_graph_call",
     "argument_plan",
+    "at_end_of_backward",
     "compile_capturing_graphs",
     "compile_isolation_options",
     "convert_module_tensors",
@@ -445,3 +446,18 @@ def convert_module_tensors(module: torch.nn.Module, convert: Callable[[torch.Ten
     sharded storage at the new shards. Not a fused-backend trick: it has no switch.
     """
     module._apply(convert)
+
+
+def at_end_of_backward(callback: Callable[[], None]) -> bool:
+    """Run ``callback`` when the running backward pass ends; False where none runs on this thread.
+
+    ``Variable._execution_engine.queue_callback``, the private hook FSDP and DDP use for the same
+    purpose: the callbacks run, in the order queued, after every gradient of the backward is done.
+    It raises outside the autograd engine's threads (DDP's communication hooks complete on the
+    process group's threads), which is reported as False. Not a fused-backend trick: no switch.
+    """
+    try:
+        torch.autograd.Variable._execution_engine.queue_callback(callback)
+    except RuntimeError:
+        return False
+    return True

@@ -18,7 +18,14 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from optimi._clipping import check_max_grad_norm, clip_coefficient, scale_, sum_of_squares, warn_skipped
+from optimi._clipping import (
+    ReleaseClipping,
+    check_max_grad_norm,
+    clip_coefficient,
+    scale_,
+    sum_of_squares,
+    warn_skipped,
+)
 from optimi._fused import FALLBACK_BACKEND
 from optimi._low_precision import (
     FLOAT32_MASTERS,
@@ -33,7 +40,7 @@ from optimi._low_precision import (
     write_master_,
 )
 from optimi._ops import LOW_PRECISION_DTYPES
-from optimi._torch_internals import dynamo_supported
+from optimi._torch_internals import at_end_of_backward, dynamo_supported
 
 __all__ = ["OptimiOptimizer", "resolve_backend", "fused_available", "LOW_PRECISION_DTYPES"]
 
@@ -212,9 +219,9 @@ class OptimiOptimizer(Optimizer):
         # statistics (sums, counts) over the shards of each tensor; None in a single process
         self._reduce_sums: Callable[[list[Tensor], list[int]], tuple[list[Tensor], list[int]]] | None = None
         self._group_index: dict[Tensor, int] = {}
-        #: the global L2 norm of the last gradients measured before clipping (a 0-d float32 tensor,
-        #: the same on every rank; None until measured): set while ``max_grad_norm`` is not None
-        self.grad_norm: Tensor | None = None
+        self._grad_norm: Tensor | None = None
+        # the running norm of the current backward under gradient release
+        self._release_clipping = ReleaseClipping()
         defaults.setdefault("max_grad_norm", None)
         # steps skipped for a non-finite gradient norm, kept in every group (so state_dict and DCP save it)
         defaults.setdefault("skipped_steps", 0)
@@ -433,6 +440,20 @@ class OptimiOptimizer(Optimizer):
         return self.param_groups[0].get("max_grad_norm") if self.param_groups else None
 
     @property
+    def grad_norm(self) -> Tensor | None:
+        """The global L2 norm of the last backward's gradients, before clipping (None until measured).
+
+        A 0-d float32 tensor, the same on every rank (no host synchronization unless read as a
+        number); measured while ``max_grad_norm`` is not None, by ``step()`` and under gradient
+        release ([Note: clipping under gradient release]). With optimizer accumulation it is the
+        last micro-batch's gradient norm.
+        """
+        clipping = self._release_clipping
+        if clipping.seen and not clipping.finishes_itself:
+            self._finish_release_backward()  # DDP: the backward's release steps have all run by now
+        return self._grad_norm
+
+    @property
     def skipped_steps(self) -> int:
         """Steps skipped because the gradient norm was not finite (saved in ``state_dict``)."""
         return max((group.get("skipped_steps", 0) for group in self.param_groups), default=0)
@@ -452,7 +473,7 @@ class OptimiOptimizer(Optimizer):
         """
         grads = [param.grad for param in params]
         norm = self._global_norm(params, grads)
-        self.grad_norm = norm
+        self._grad_norm = norm
         if not bool(torch.isfinite(norm)):  # the guard's one host synchronization per step
             self._count_skipped("optimizer step")
             return False
@@ -491,6 +512,8 @@ class OptimiOptimizer(Optimizer):
         grad = param.grad if grad is None else grad
         if grad is None:
             return
+        if self.max_grad_norm is not None and not self._clip_released_gradient(param, grad):
+            return
         group = self.group_of(param)
         state = self.init_param_state(param, group)
         state["step"] += 1
@@ -505,6 +528,52 @@ class OptimiOptimizer(Optimizer):
             backend="fused" if backend == "fused" else "for_loop",
             fallback=self._fused_fallback(group, "for_loop"),
         )
+
+    def _clip_released_gradient(self, param: Tensor, grad: Tensor) -> bool:
+        """Add ``grad`` to this backward's norm and scale it by the previous backward's coefficient.
+
+        Returns False, counting a skip, where ``grad`` is not finite ([Note: clipping under
+        gradient release] in ``_clipping.py``).
+        """
+        clipping = self._release_clipping
+        if id(param) in clipping.seen:  # a new backward began before the last one was completed
+            self._finish_release_backward()
+        if self._sharded([param]):
+            from optimi.distributed._dtensor import local, shard_groups  # [Note: the single lazy import]
+
+            key, local_grad = shard_groups(grad), local(grad)
+        else:
+            key, local_grad = (), grad
+        if not clipping.seen:
+            clipping.finishes_itself = at_end_of_backward(self._finish_release_backward)
+        clipping.seen.add(id(param))
+        if not clipping.observe(key, local_grad):
+            self._count_skipped("gradient release step of one parameter")
+            return False
+        if clipping.coefficient is not None:
+            local_grad.mul_(clipping.coefficient.to(local_grad.device))
+        return True
+
+    def _finish_release_backward(self) -> None:
+        """Complete the backward's norm into ``grad_norm`` and the next backward's clip coefficient."""
+        clipping = self._release_clipping
+        if not clipping.seen:
+            return
+        sharded = any(key for key in clipping.partial_sums)
+        if sharded:
+            from optimi.distributed._dtensor import reduce_partial_sums  # [Note: the single lazy import]
+
+            total, non_finite = reduce_partial_sums(clipping.partial_sums, clipping.non_finite)
+        else:
+            sums = list(clipping.partial_sums.values())
+            total = sum(sums[1:], sums[0]) if sums else torch.zeros((), dtype=torch.float32)
+            non_finite = clipping.non_finite
+        norm = total.sqrt()
+        self._grad_norm = torch.full_like(norm, float("nan")) if non_finite else norm
+        max_grad_norm = self.max_grad_norm
+        if max_grad_norm is not None and max_grad_norm != float("inf"):
+            clipping.coefficient = clip_coefficient(norm, max_grad_norm)
+        clipping.reset()
 
     @staticmethod
     def _fused_fallback(group: dict[str, Any], backend: str) -> str | None:
@@ -668,6 +737,7 @@ class OptimiOptimizer(Optimizer):
         Adam-family debiasing continues where release left off instead of restarting at step 1.
         """
         if not active:
+            self._finish_release_backward()
             for group in self.param_groups:
                 steps = [self.state[p]["step"] for p in group["params"] if "step" in self.state.get(p, {})]
                 if steps:
@@ -686,7 +756,8 @@ class OptimiOptimizer(Optimizer):
         self.__dict__.setdefault("_gradient_release_active", False)
         self.__dict__.setdefault("_group_index", {})
         self.__dict__.setdefault("_reduce_sums", None)
-        self.__dict__.setdefault("grad_norm", None)
+        self.__dict__.setdefault("_grad_norm", None)
+        self.__dict__.setdefault("_release_clipping", ReleaseClipping())
 
 
 def _remainder_as_bits(entry: dict[str, Any]) -> dict[str, Any]:

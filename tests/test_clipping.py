@@ -178,3 +178,98 @@ def test_param_groups_must_share_max_grad_norm():
     params = make_params()
     with pytest.raises(ValueError, match="set max_grad_norm once"):
         optimi.AdamW([{"params": params[:1], "max_grad_norm": 2.0}, {"params": params[1:]}], lr=1e-3)
+
+
+# -- under gradient release: the previous backward's norm ------------------------------------------
+
+
+def small_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(step)
+    return torch.randn(8, 6, generator=generator) * (1 + step), torch.randn(8, 3, generator=generator)
+
+
+def loss_of(model: torch.nn.Module, step: int) -> torch.Tensor:
+    x, y = batch(step)
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_release_clips_by_the_previous_backwards_norm(name):
+    """Release + max_grad_norm equals a loop that scales each backward's gradients by
+    min(1, max / (norm + 1e-6)) of the previous backward's norm (none at the first), then steps."""
+    cls, kwargs = OPTIMIZERS[name]
+    max_norm = 0.5
+    released, reference = small_model(), small_model()
+    released_opt = cls(released.parameters(), lr=1e-2, **kwargs, max_grad_norm=max_norm, gradient_release=True)
+    reference_opt = cls(reference.parameters(), lr=1e-2, **kwargs, foreach=False)
+    optimi.prepare_for_gradient_release(released, released_opt)
+    coefficient, clipped = None, 0
+    for step in range(6):
+        loss_of(reference, step).backward()
+        grads = [p.grad for p in reference.parameters()]
+        norm = torch.nn.utils.get_total_norm(grads)
+        if coefficient is not None:
+            torch._foreach_mul_(grads, coefficient)
+            clipped += bool(coefficient < 1)
+        coefficient = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        reference_opt.step()
+        reference_opt.zero_grad()
+        loss_of(released, step).backward()
+        torch.testing.assert_close(released_opt.grad_norm, norm, rtol=1e-6, atol=0)
+    assert clipped >= 3
+    for a, b in zip(released.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    optimi.remove_gradient_release(released)
+
+
+def test_release_without_max_grad_norm_does_not_clip_or_measure():
+    released, reference = small_model(), small_model()
+    released_opt = optimi.AdamW(released.parameters(), lr=1e-2, gradient_release=True)
+    reference_opt = optimi.AdamW(reference.parameters(), lr=1e-2, foreach=False)
+    optimi.prepare_for_gradient_release(released, released_opt)
+    for step in range(3):
+        loss_of(reference, step).backward()
+        reference_opt.step()
+        reference_opt.zero_grad()
+        loss_of(released, step).backward()
+    assert all(torch.equal(a, b) for a, b in zip(released.parameters(), reference.parameters()))
+    assert released_opt.grad_norm is None
+
+
+def test_release_skips_a_parameter_whose_gradient_is_not_finite(monkeypatch):
+    monkeypatch.setattr(_clipping._SkipWarnings, "last", None)
+    model = small_model()
+    optimizer = optimi.AdamW(model.parameters(), lr=1e-2, max_grad_norm=1.0, gradient_release=True)
+    optimi.prepare_for_gradient_release(model, optimizer)
+    loss_of(model, 0).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    state_before = {id(p): state_snapshot_of(optimizer, p) for p in model.parameters()}
+    poisoned = model[0].weight
+    handle = poisoned.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+    with pytest.warns(RuntimeWarning, match="gradient release step of one parameter skipped"):
+        loss_of(model, 1).backward()
+    handle.remove()
+    assert optimizer.skipped_steps == 1
+    assert torch.isnan(optimizer.grad_norm)
+    for param, old in zip(model.parameters(), before):
+        unchanged = torch.equal(param, old)
+        assert unchanged == (param is poisoned)
+        assert torch.isfinite(param).all()
+        same_state = all(
+            torch.equal(a, b) for a, b in zip(state_snapshot_of(optimizer, param), state_before[id(param)])
+        )
+        assert same_state == (param is poisoned)
+    # the coefficient for the next backward comes from the finite gradients: training goes on
+    loss_of(model, 2).backward()
+    assert torch.isfinite(optimizer.grad_norm)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    optimi.remove_gradient_release(model)
+
+
+def state_snapshot_of(optimizer, param) -> list[torch.Tensor]:
+    return [v.clone() for v in optimizer.state[param].values() if isinstance(v, torch.Tensor)]

@@ -43,6 +43,7 @@ __all__ = [
     "first_element_index",
     "map_local",
     "global_sum_of_squares",
+    "reduce_partial_sums",
     "full_tensor",
     "shard_groups",
     "step_local",
@@ -145,16 +146,33 @@ def global_sum_of_squares(grads: Sequence[Tensor]) -> Tensor:
     one all-reduce per group (FSDP2: a single scalar all-reduce), while replicated or plain
     gradients, identical on every rank (DDP averages them), count once.
     """
+    partial_sums: dict[tuple[dist.ProcessGroup, ...], Tensor] = {}
     by_groups: dict[tuple[dist.ProcessGroup, ...], list[Tensor]] = {}
     for grad in grads:
         by_groups.setdefault(shard_groups(grad), []).append(local(grad))
-    total: Tensor | None = None
     for groups, tensors in by_groups.items():
-        partial = sum_of_squares(tensors)
+        partial_sums[groups] = sum_of_squares(tensors)
+    return reduce_partial_sums(partial_sums, non_finite=False)[0]
+
+
+def reduce_partial_sums(
+    partial_sums: dict[tuple[dist.ProcessGroup, ...], Tensor], non_finite: bool
+) -> tuple[Tensor, bool]:
+    """Whole-model sum of squares from per-shard-group partial sums, and whether any rank saw a non-finite one.
+
+    Collective over each key's process groups: every rank must call it with the same keys (FSDP2:
+    one group, one all-reduce of two numbers). ``non_finite`` travels with the sums, so a NaN on
+    one rank's shard is reported on all of them.
+    """
+    total: Tensor | None = None
+    any_non_finite = non_finite
+    for groups, partial in partial_sums.items():
+        packed = torch.stack([partial.float(), torch.tensor(float(non_finite), device=partial.device)])
         for group in groups:
-            dist.all_reduce(partial, group=group)
-        total = partial if total is None else total + partial.to(total.device)
-    return total if total is not None else torch.zeros((), dtype=torch.float32)
+            dist.all_reduce(packed, group=group)
+        any_non_finite = any_non_finite or bool(packed[1] > 0) if groups else any_non_finite
+        total = packed[0] if total is None else total + packed[0].to(total.device)
+    return (total if total is not None else torch.zeros((), dtype=torch.float32)), any_non_finite
 
 
 def _local_state(state: dict[str, Any]) -> dict[str, Any]:

@@ -285,3 +285,15 @@ def test_max_grad_norm_step_matches_clip_grad_norm_on_one_process(clipping, kind
         assert row["clipped_steps"] >= 3, row
         assert row["norm_rel_err"] < 1e-6, row
         assert row["rel_err"] < 1e-6, row
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd", "stableadamw"])
+@pytest.mark.parametrize("kind", ["fsdp2", "ddp"])
+def test_release_clips_by_the_previous_backwards_norm_on_2_ranks(clipping, kind, name):
+    """Release + max_grad_norm on FSDP2 (norm completed at the end of backward, one all-reduce) and DDP
+    (completed when read): the same as one process scaling each backward by the previous norm's coefficient."""
+    for rank in clipping:
+        row = rank[f"{kind}/{name}/release"]
+        assert row["clipped_steps"] >= 3, row
+        assert row["norm_rel_err"] < 1e-6, row
+        assert row["rel_err"] < 1e-6, row

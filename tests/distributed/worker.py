@@ -722,6 +722,36 @@ def scenario_clipping() -> dict[str, Any]:
                 "norm_rel_err": max(abs(a - b) / b for a, b in zip(norms, reference_norms)),
                 "clipped_steps": sum(n > max_norm for n in reference_norms),
             }
+        # gradient release: each backward is clipped by the previous backward's norm
+        single = Net()
+        single.load_state_dict(init)
+        single_opt = build(single.parameters())
+        reference_norms, coefficient = [], None
+        for ((x, y),) in data:
+            nn.functional.mse_loss(single(x), y).backward()
+            grads = [p.grad for p in single.parameters()]
+            reference_norms.append(torch.nn.utils.get_total_norm(grads).item())
+            if coefficient is not None:
+                torch._foreach_mul_(grads, coefficient)
+            coefficient = torch.tensor(min(1.0, max_norm / (reference_norms[-1] + 1e-6)))
+            single_opt.step()
+            single_opt.zero_grad()
+        reference = {k: v.detach().clone() for k, v in single.named_parameters()}
+        for kind in ("fsdp2", "ddp"):
+            model = sharded_net(init, torch.float32) if kind == "fsdp2" else ddp_net(init, torch.float32)
+            opt = build(model.parameters(), max_grad_norm=max_norm, gradient_release=True)
+            optimi.prepare_for_gradient_release(model, opt)
+            norms = []
+            for ((x, y),) in data:
+                nn.functional.mse_loss(model(x[rows]), y[rows]).backward()
+                norms.append(opt.grad_norm.item())
+            params = full_params(model.module if kind == "ddp" else model)
+            results[f"{kind}/{name}/release"] = {
+                "rel_err": rel_err(params, reference),
+                "norm_rel_err": max(abs(a - b) / b for a, b in zip(norms, reference_norms)),
+                "clipped_steps": sum(n > max_norm for n in reference_norms[:-1]),
+            }
+            optimi.remove_gradient_release(model)
     return results
 
 
