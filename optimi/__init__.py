@@ -5,7 +5,7 @@ from optimi._torch_internals import report as fused_optimizations
 from optimi.adam import Adam
 from optimi.adamw import AdamW
 from optimi.adan import Adan
-from optimi.gradient_release import prepare_for_gradient_release, remove_gradient_release
+from optimi.gradient_release import prepare_for_gradient_release, release_backward, remove_gradient_release
 from optimi.lion import Lion
 from optimi.optimizer import OptimiOptimizer
 from optimi.radam import RAdam
@@ -30,6 +30,7 @@ __all__ = [
     "fused_optimizations",
     "param_groups_weight_decay",
     "prepare_for_gradient_release",
+    "release_backward",
     "remove_gradient_release",
     "to_low_precision",
     "__version__",

@@ -23,6 +23,13 @@ the accumulated step. A parameter whose gradient is not finite is skipped (its w
 untouched, counted in ``skipped_steps``; under FSDP2 the check is per shard), the others step;
 its squares are left out of the coefficient, while ``grad_norm`` reports the backward as non-finite.
 
+``optimi.release_backward(loss, optimizer)`` clips exactly instead, as LOMO does: a first backward
+(``retain_graph=True``) only measures, each gradient freed as soon as its squares are summed, so
+the peak memory stays that of release; then, with the exact coefficient of this backward's norm,
+a second backward steps. It costs a second backward pass. A non-finite norm skips the whole step
+(no second pass). One process only for now: FSDP2 and DDP re-run their communication in each pass
+and are not supported by it yet.
+
 A gradient whose norm is not finite (an inf or NaN anywhere) would write NaN into the weights and
 the optimizer state, for good. ``step()`` therefore skips the whole step when the global norm is
 not finite: no weight, state or step counter changes, ``optimizer.skipped_steps`` grows by one and
@@ -120,6 +127,8 @@ class ReleaseClipping:
         self.finishes_itself = False
         #: the previous backward's clip coefficient (None: nothing to clip by yet)
         self.coefficient: Tensor | None = None
+        #: release_backward's first pass: gradients are measured and freed, nothing steps
+        self.measuring = False
 
     def observe(self, key: tuple[Any, ...], local_grad: Tensor) -> bool:
         """Add ``local_grad``'s squares to this backward's norm; False where they are not finite."""

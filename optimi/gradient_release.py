@@ -49,7 +49,7 @@ from torch.utils.hooks import RemovableHandle
 
 from optimi.optimizer import OptimiOptimizer
 
-__all__ = ["prepare_for_gradient_release", "remove_gradient_release"]
+__all__ = ["prepare_for_gradient_release", "release_backward", "remove_gradient_release"]
 
 
 def prepare_for_gradient_release(
@@ -104,6 +104,44 @@ def remove_gradient_release(model: nn.Module) -> None:
     installer_for(model_kind(model))
     if not uninstall_release_hooks(model):
         warnings.warn("model has no gradient release hooks to remove", stacklevel=2)
+
+
+def release_backward(loss: Tensor, optimizer: OptimiOptimizer) -> None:
+    """``loss.backward()`` under gradient release, with the exact gradient clip: two backward passes.
+
+    The first pass (``retain_graph=True``) only measures: each release hook adds its gradient's
+    squares to the global norm and frees the gradient, so peak memory stays that of release. The
+    second pass steps every parameter with its gradient scaled by
+    ``min(1, max_grad_norm / (norm + 1e-6))`` of *this* backward's norm, as
+    ``clip_grad_norm_`` + ``step()`` would without release (LOMO's two-pass clipping). A
+    non-finite norm skips the whole step, without the second pass (``optimizer.skipped_steps``).
+    ([Note: clipping under gradient release] in ``optimi/_clipping.py``.)
+
+    Raises:
+        ValueError: ``optimizer`` has no ``max_grad_norm`` or no gradient release hooks installed.
+        NotImplementedError: the parameters are sharded (FSDP2): one process only for now.
+    """
+    if optimizer.max_grad_norm is None:
+        raise ValueError("release_backward needs an optimizer with max_grad_norm set (the clip it makes exact)")
+    if not optimizer._gradient_release_active:
+        raise ValueError("release_backward needs gradient release: call prepare_for_gradient_release first")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if optimizer._sharded(params):
+        raise NotImplementedError("release_backward supports one process for now; under FSDP2 use the default clipping")
+    clipping = optimizer._release_clipping
+    optimizer._finish_release_backward()  # a previous backward's norm, if one is pending
+    clipping.measuring = True
+    try:
+        loss.backward(retain_graph=True)
+    finally:
+        clipping.measuring = False
+    # this backward's norm and exact coefficient (completed at the end of the pass, or here)
+    optimizer._finish_release_backward()
+    norm = optimizer._grad_norm
+    if norm is None or not bool(torch.isfinite(norm)):
+        optimizer._count_skipped("optimizer step (release_backward)")
+        return
+    loss.backward()
 
 
 # -- the installer registry -----------------------------------------------------------------------

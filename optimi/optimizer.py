@@ -514,6 +514,8 @@ class OptimiOptimizer(Optimizer):
             return
         if self.max_grad_norm is not None and not self._clip_released_gradient(param, grad):
             return
+        if self._release_clipping.measuring:  # release_backward's first pass only measures
+            return
         group = self.group_of(param)
         state = self.init_param_state(param, group)
         state["step"] += 1
@@ -548,9 +550,10 @@ class OptimiOptimizer(Optimizer):
             clipping.finishes_itself = at_end_of_backward(self._finish_release_backward)
         clipping.seen.add(id(param))
         if not clipping.observe(key, local_grad):
-            self._count_skipped("gradient release step of one parameter")
+            if not clipping.measuring:
+                self._count_skipped("gradient release step of one parameter")
             return False
-        if clipping.coefficient is not None:
+        if clipping.coefficient is not None and not clipping.measuring:
             local_grad.mul_(clipping.coefficient.to(local_grad.device))
         return True
 

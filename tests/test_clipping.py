@@ -273,3 +273,56 @@ def test_release_skips_a_parameter_whose_gradient_is_not_finite(monkeypatch):
 
 def state_snapshot_of(optimizer, param) -> list[torch.Tensor]:
     return [v.clone() for v in optimizer.state[param].values() if isinstance(v, torch.Tensor)]
+
+
+# -- release_backward: the exact clip in two passes --------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd", "lion", "stableadamw"])
+def test_release_backward_equals_clip_grad_norm_then_step(name):
+    cls, kwargs = OPTIMIZERS[name]
+    max_norm = 0.5
+    released, reference = small_model(), small_model()
+    released_opt = cls(released.parameters(), lr=1e-2, **kwargs, max_grad_norm=max_norm, gradient_release=True)
+    reference_opt = cls(reference.parameters(), lr=1e-2, **kwargs, foreach=False)
+    optimi.prepare_for_gradient_release(released, released_opt)
+    clipped = 0
+    for step in range(5):
+        loss_of(reference, step).backward()
+        norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm)
+        clipped += bool(norm > max_norm)
+        reference_opt.step()
+        reference_opt.zero_grad()
+        optimi.release_backward(loss_of(released, step), released_opt)
+        torch.testing.assert_close(released_opt.grad_norm, norm, rtol=1e-6, atol=0)
+        assert all(p.grad is None for p in released.parameters())
+    assert clipped >= 3
+    for a, b in zip(released.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    optimi.remove_gradient_release(released)
+
+
+def test_release_backward_skips_the_whole_step_on_a_non_finite_norm(monkeypatch):
+    monkeypatch.setattr(_clipping._SkipWarnings, "last", None)
+    model = small_model()
+    optimizer = optimi.AdamW(model.parameters(), lr=1e-2, max_grad_norm=1.0, gradient_release=True)
+    optimi.prepare_for_gradient_release(model, optimizer)
+    optimi.release_backward(loss_of(model, 0), optimizer)
+    before = [p.detach().clone() for p in model.parameters()]
+    handle = model[2].bias.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    with pytest.warns(RuntimeWarning, match=r"optimizer step \(release_backward\) skipped"):
+        optimi.release_backward(loss_of(model, 1), optimizer)
+    handle.remove()
+    assert optimizer.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+    optimi.remove_gradient_release(model)
+
+
+def test_release_backward_refuses_what_it_cannot_do():
+    model = small_model()
+    plain = optimi.AdamW(model.parameters(), lr=1e-2, gradient_release=True)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        optimi.release_backward(loss_of(model, 0), plain)
+    clipped = optimi.AdamW(model.parameters(), lr=1e-2, max_grad_norm=1.0, gradient_release=True)
+    with pytest.raises(ValueError, match="prepare_for_gradient_release"):
+        optimi.release_backward(loss_of(model, 0), clipped)
