@@ -123,6 +123,8 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> optimi.OptimiOptim
         kahan_sum=kahan_sum,
         low_precision=config.low_precision,
         gradient_release=config.gradient_release,
+        # DeepSpeed clips itself (its config's gradient_clipping)
+        max_grad_norm=config.grad_clip if config.grad_clip > 0 and config.parallel != "deepspeed" else None,
     )
 
 
@@ -163,7 +165,7 @@ def train(config: TrainConfig, runtime: Runtime, training: Training, start: int)
     """Optimizer steps ``start + 1`` to ``--steps``; returns the wall time in seconds."""
     micro_global = config.batch_size // config.accumulation_steps  # sequences per micro-batch, all ranks
     local = micro_global // runtime.world_size
-    pending = []  # (step, lr, loss on device) since the last progress line: no host sync in between
+    pending = []  # (step, lr, loss and grad norm on device) since the last progress line: no host sync between
     started = last_log = time.perf_counter()
     for step in range(start + 1, config.steps + 1):
         batches = []
@@ -180,7 +182,9 @@ def train(config: TrainConfig, runtime: Runtime, training: Training, start: int)
         else:
             loss = train_step(training.model, training.optimizer, batches, config)
             training.scheduler.step()
-        pending.append((step, lr, loss))
+        # the last backward's gradient norm with --grad-clip (a tensor: read only when logged)
+        grad_norm = training.optimizer.grad_norm if config.parallel != "deepspeed" else None
+        pending.append((step, lr, loss, grad_norm))
 
         if step % config.log_every == 0 or step == config.steps:
             now = time.perf_counter()
@@ -205,11 +209,13 @@ def train_step(model: nn.Module, optimizer: optimi.OptimiOptimizer, batches: lis
         with parallel.gradient_sync(model, config.parallel, enabled=last or config.gradient_release):
             with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=config.autocast):
                 loss = model(inputs, targets)
-            (loss / len(batches)).backward()
+            if config.exact_clip:  # two backward passes: measure, then step with the exact clip
+                optimi.release_backward(loss / len(batches), optimizer)
+            else:
+                (loss / len(batches)).backward()
         step_loss += loss.detach() / len(batches)
-    if config.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-    # under gradient release the parameters were stepped inside backward and these are no-ops
+    # --grad-clip is the optimizer's max_grad_norm: step() clips (and under gradient release the
+    # parameters were stepped, and clipped, inside backward: these are no-ops)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return step_loss
@@ -218,17 +224,21 @@ def train_step(model: nn.Module, optimizer: optimi.OptimiOptimizer, batches: lis
 def report_progress(pending: list, seconds: float, config: TrainConfig, runtime: Runtime) -> None:
     """The steps since the last progress line, with one all-reduce and one host sync for all of them:
     rank 0 appends their rows to ``--metrics-file`` and prints their mean loss."""
-    steps, lrs, losses = zip(*pending)
+    steps, lrs, losses, norms = zip(*pending)
     losses = parallel.mean_over_ranks(torch.stack(losses), runtime).tolist()
+    # the same on every rank (optimi reduces it), so no collective
+    norms = [None if norm is None else norm.item() for norm in norms]
     if not runtime.is_main:
         return
     if config.metrics_file:
         with open(config.metrics_file, "a") as metrics:
-            for step, lr, loss in zip(steps, lrs, losses):
-                metrics.write(json.dumps({"step": step, "loss": loss, "lr": lr}) + "\n")
+            for step, lr, loss, norm in zip(steps, lrs, losses, norms):
+                row = {"step": step, "loss": loss, "lr": lr} | ({} if norm is None else {"grad_norm": norm})
+                metrics.write(json.dumps(row) + "\n")
     tokens_per_s = len(steps) * config.batch_size * config.block_size / seconds
+    norm_column = "" if norms[-1] is None else f" | grad norm {norms[-1]:.3f}"
     print(
-        f"step {steps[-1]:>5}/{config.steps} | loss {sum(losses) / len(losses):.4f} | lr {lrs[-1]:.2e} | "
+        f"step {steps[-1]:>5}/{config.steps} | loss {sum(losses) / len(losses):.4f} | lr {lrs[-1]:.2e}{norm_column} | "
         f"{tokens_per_s / 1e3:.1f}k tok/s"
     )
 

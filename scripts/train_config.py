@@ -91,7 +91,15 @@ class TrainConfig:
     )
     warmup_steps: int = flag(20, "linear warm-up steps", type=int)
     grad_clip: float = flag(
-        0.0, "clip the global gradient norm to this (0: off; not with --gradient-release)", type=float
+        0.0,
+        "clip the global gradient norm to this (0: off): the optimizer's max_grad_norm, also under "
+        "--gradient-release, where each backward is clipped by the previous backward's norm",
+        type=float,
+    )
+    exact_clip: bool = flag(
+        False,
+        "with --gradient-release and --grad-clip: clip exactly, with two backward passes (release_backward)",
+        action="store_true",
     )
     # -- run length, data and model
     steps: int = flag(300, "optimizer steps of the whole run (also after --resume)", type=int)
@@ -152,12 +160,10 @@ def config_problem(config: TrainConfig) -> str | None:
             return f"--{name.replace('_', '-')} must be >= 1"
     if config.lr <= 0:
         return "--lr must be > 0"
-    if config.gradient_release and config.grad_clip > 0:
-        return (
-            "--gradient-release cannot serve --grad-clip: clipping needs the norm of every gradient before "
-            "any parameter steps, but gradient release steps each parameter (and frees its gradient) as soon "
-            "as that gradient is ready"
-        )
+    if config.exact_clip and not (config.gradient_release and config.grad_clip > 0):
+        return "--exact-clip needs --gradient-release and --grad-clip (without release the clip is exact anyway)"
+    if config.exact_clip and config.parallel != "none":
+        return "--exact-clip (release_backward) runs on one process only for now"
     if config.parallel == "deepspeed":
         problem = deepspeed_engine.config_problem(config)
         if problem:

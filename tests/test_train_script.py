@@ -238,7 +238,8 @@ def test_one_rank_checkpoint_resumes_on_fsdp2(tmp_path, one_thread):
     "args, message",
     [
         (["--optimizer", "adamx"], "invalid choice: 'adamx'"),
-        (["--gradient-release", "--grad-clip", "1.0"], "--gradient-release cannot serve --grad-clip"),
+        (["--gradient-release", "--exact-clip"], "--exact-clip needs --gradient-release and --grad-clip"),
+        (["--exact-clip", "--grad-clip", "1.0"], "--exact-clip needs --gradient-release and --grad-clip"),
         (["--parallel", "deepspeed", "--gradient-release"], "--gradient-release cannot serve --parallel deepspeed"),
         (["--kahan", "on", "--dtype", "fp32"], "--kahan on needs bf16 parameters"),
         (["--low-precision", "remainder", "--dtype", "fp32"], "--low-precision needs bf16 parameters"),
@@ -252,6 +253,19 @@ def test_bad_arguments_exit_with_a_message(args, message, capsys):
         train_script.parse_args(args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_grad_clip_with_gradient_release_logs_the_norm(tmp_path, exact):
+    """--grad-clip under --gradient-release: previous-step clipping, or --exact-clip's two passes;
+    the metrics file carries each step's gradient norm."""
+    metrics = tmp_path / "metrics.jsonl"
+    args = ["--steps", "4", "--log-every", "2", "--grad-clip", "0.5", "--gradient-release", "--eval-batches", "1"]
+    args += ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "32", "--metrics-file", str(metrics)]
+    train_script.main(args + (["--exact-clip"] if exact else []))
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    assert all(row["grad_norm"] > 0.5 for row in rows)  # the clip was active: every norm is above it
 
 
 def test_schedule_warms_up_then_decays_to_a_tenth():
