@@ -26,9 +26,9 @@ its squares are left out of the coefficient, while ``grad_norm`` reports the bac
 ``optimi.release_backward(loss, optimizer)`` clips exactly instead, as LOMO does: a first backward
 (``retain_graph=True``) only measures, each gradient freed as soon as its squares are summed, so
 the peak memory stays that of release; then, with the exact coefficient of this backward's norm,
-a second backward steps. It costs a second backward pass. A non-finite norm skips the whole step
-(no second pass). One process only for now: FSDP2 and DDP re-run their communication in each pass
-and are not supported by it yet.
+a second backward steps. It costs a second backward pass (under FSDP2 also a second
+reduce-scatter). A non-finite norm skips the whole step (no second pass). Not under DDP, whose
+reducer all-reduces only the first backward after a forward.
 
 A gradient whose norm is not finite (an inf or NaN anywhere) would write NaN into the weights and
 the optimizer state, for good. ``step()`` therefore skips the whole step when the global norm is

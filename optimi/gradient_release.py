@@ -117,17 +117,23 @@ def release_backward(loss: Tensor, optimizer: OptimiOptimizer) -> None:
     non-finite norm skips the whole step, without the second pass (``optimizer.skipped_steps``).
     ([Note: clipping under gradient release] in ``optimi/_clipping.py``.)
 
+    Works on one process and under FSDP2 (each pass reduce-scatters the gradients again: twice the
+    gradient communication). Not under DDP: its reducer all-reduces only the first backward after
+    a forward.
+
     Raises:
         ValueError: ``optimizer`` has no ``max_grad_norm`` or no gradient release hooks installed.
-        NotImplementedError: the parameters are sharded (FSDP2): one process only for now.
+        NotImplementedError: the model is a ``DistributedDataParallel`` module.
     """
     if optimizer.max_grad_norm is None:
         raise ValueError("release_backward needs an optimizer with max_grad_norm set (the clip it makes exact)")
     if not optimizer._gradient_release_active:
         raise ValueError("release_backward needs gradient release: call prepare_for_gradient_release first")
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    if optimizer._sharded(params):
-        raise NotImplementedError("release_backward supports one process for now; under FSDP2 use the default clipping")
+    if getattr(optimizer, "_release_kind", None) == "ddp":
+        raise NotImplementedError(
+            "release_backward does not support DDP (its reducer all-reduces only the first backward after a "
+            "forward); under DDP use the default previous-step clipping"
+        )
     clipping = optimizer._release_clipping
     optimizer._finish_release_backward()  # a previous backward's norm, if one is pending
     clipping.measuring = True
@@ -274,6 +280,8 @@ def install_release_hooks(model: nn.Module, optimizer: OptimiOptimizer, *, ignor
 
     setattr(model, _HOOKS_ATTR, _ReleaseHooks(optimizer, installer.install(model, optimizer, trainable)))
     optimizer.set_gradient_release_active(True)
+    # release_backward needs to know: a second backward through a DDP graph is not all-reduced
+    optimizer._release_kind = model_kind(model)
 
 
 def uninstall_release_hooks(model: nn.Module) -> bool:

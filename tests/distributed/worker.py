@@ -752,6 +752,37 @@ def scenario_clipping() -> dict[str, Any]:
                 "clipped_steps": sum(n > max_norm for n in reference_norms[:-1]),
             }
             optimi.remove_gradient_release(model)
+    # release_backward: the exact clip in two passes; FSDP2 only (DDP refuses it)
+    single = Net()
+    single.load_state_dict(init)
+    single_opt = builders["adamw"](single.parameters())
+    reference_norms = []
+    for ((x, y),) in data:
+        nn.functional.mse_loss(single(x), y).backward()
+        reference_norms.append(torch.nn.utils.clip_grad_norm_(single.parameters(), max_norm).item())
+        single_opt.step()
+        single_opt.zero_grad()
+    reference = {k: v.detach().clone() for k, v in single.named_parameters()}
+    model = sharded_net(init, torch.float32)
+    opt = builders["adamw"](model.parameters(), max_grad_norm=max_norm, gradient_release=True)
+    optimi.prepare_for_gradient_release(model, opt)
+    norms = []
+    for ((x, y),) in data:
+        optimi.release_backward(nn.functional.mse_loss(model(x[rows]), y[rows]), opt)
+        norms.append(opt.grad_norm.item())
+    results["fsdp2/release_backward"] = {
+        "rel_err": rel_err(full_params(model), reference),
+        "norm_rel_err": max(abs(a - b) / b for a, b in zip(norms, reference_norms)),
+    }
+    model = ddp_net(init, torch.float32)
+    opt = builders["adamw"](model.parameters(), max_grad_norm=max_norm, gradient_release=True)
+    optimi.prepare_for_gradient_release(model, opt)
+    x, y = data[0][0]
+    try:
+        optimi.release_backward(nn.functional.mse_loss(model(x[rows]), y[rows]), opt)
+        results["ddp/release_backward_refused"] = False
+    except NotImplementedError:
+        results["ddp/release_backward_refused"] = True
     return results
 
 
