@@ -326,3 +326,20 @@ def test_release_backward_refuses_what_it_cannot_do():
     clipped = optimi.AdamW(model.parameters(), lr=1e-2, max_grad_norm=1.0, gradient_release=True)
     with pytest.raises(ValueError, match="prepare_for_gradient_release"):
         optimi.release_backward(loss_of(model, 0), clipped)
+
+
+def test_with_optimizer_accumulation_each_micro_batch_is_clipped_by_its_own_norm():
+    clipped_params, reference_params = make_params(), make_params()
+    clipped = build("adamw", clipped_params, max_grad_norm=1.0, foreach=False)
+    reference = build("adamw", reference_params, foreach=False)
+    for step in range(6):
+        accumulate = step % 3 != 2  # two micro-steps fold into the state, the third steps
+        clipped.optimizer_accumulation = reference.optimizer_accumulation = accumulate
+        for param, grad in zip(clipped_params + reference_params, grads_of(step) + grads_of(step)):
+            param.grad = grad.clone()
+        norm = torch.nn.utils.clip_grad_norm_(reference_params, 1.0)
+        reference.step()
+        clipped.step()
+        torch.testing.assert_close(clipped.grad_norm, norm, rtol=1e-6, atol=0)
+    for a, b in zip(clipped_params, reference_params):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -309,3 +309,14 @@ def test_release_backward_on_fsdp2_matches_clip_grad_norm_on_one_process(clippin
 
 def test_release_backward_refuses_ddp(clipping):
     assert all(rank["ddp/release_backward_refused"] for rank in clipping)
+
+
+@pytest.mark.parametrize("mode", ["step", "release"])
+@pytest.mark.parametrize("kind", ["fsdp2", "ddp"])
+def test_a_non_finite_gradient_never_reaches_weights_or_state_on_2_ranks(clipping, kind, mode):
+    """rank 0's batch makes one parameter's gradient infinite: step() skips the step on every rank (the
+    norm is reduced), release skips that parameter; every weight and state stays finite."""
+    for rank in clipping:
+        row = rank[f"{kind}/{mode}/non_finite"]
+        assert row["finite"], row
+        assert row["skipped"] >= 1, row

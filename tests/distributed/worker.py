@@ -774,6 +774,34 @@ def scenario_clipping() -> dict[str, Any]:
         "rel_err": rel_err(full_params(model), reference),
         "norm_rel_err": max(abs(a - b) / b for a, b in zip(norms, reference_norms)),
     }
+    # a non-finite gradient in one parameter (rank 0's input has an inf: only l1.weight's gradient is
+    # not finite, tanh saturates the rest) never reaches weights or state, in any mode
+    for kind in ("fsdp2", "ddp"):
+        for release in (False, True):
+            model = sharded_net(init, torch.float32) if kind == "fsdp2" else ddp_net(init, torch.float32)
+            opt = builders["adamw"](model.parameters(), max_grad_norm=max_norm, gradient_release=release)
+            if release:
+                optimi.prepare_for_gradient_release(model, opt)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # the skip warnings
+                for step, ((x, y),) in enumerate(data[:3]):
+                    x = x[rows].clone()
+                    if step == 1 and dist.get_rank() == 0:
+                        x[0, 3] = float("inf")
+                    nn.functional.mse_loss(model(x), y[rows]).backward()
+                    if not release:
+                        opt.step()
+                        opt.zero_grad()
+            tensors = [p.detach() for p in model.parameters()]
+            tensors += [v for s in opt.state.values() for v in s.values() if isinstance(v, Tensor)]
+            from optimi.distributed._dtensor import local
+
+            results[f"{kind}/{'release' if release else 'step'}/non_finite"] = {
+                "finite": all(bool(torch.isfinite(local(t)).all()) for t in tensors),
+                "skipped": opt.skipped_steps,
+            }
+            if release:
+                optimi.remove_gradient_release(model)
     model = ddp_net(init, torch.float32)
     opt = builders["adamw"](model.parameters(), max_grad_norm=max_norm, gradient_release=True)
     optimi.prepare_for_gradient_release(model, opt)
