@@ -27,8 +27,9 @@ its squares are left out of the coefficient, while ``grad_norm`` reports the bac
 (``retain_graph=True``) only measures, each gradient freed as soon as its squares are summed, so
 the peak memory stays that of release; then, with the exact coefficient of this backward's norm,
 a second backward steps. It costs a second backward pass (under FSDP2 also a second
-reduce-scatter). A non-finite norm skips the whole step (no second pass). Not under DDP, whose
-reducer all-reduces only the first backward after a forward.
+reduce-scatter; under DDP, whose reducer all-reduces only the first backward after a forward, the
+second pass all-reduces each parameter's gradient itself, unbucketed). A non-finite norm skips
+the whole step (no second pass).
 
 A gradient whose norm is not finite (an inf or NaN anywhere) would write NaN into the weights and
 the optimizer state, for good. ``step()`` therefore skips the whole step when the global norm is

@@ -39,6 +39,7 @@ tells LR schedulers that the optimizer stepped, so none of that can differ betwe
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -117,23 +118,19 @@ def release_backward(loss: Tensor, optimizer: OptimiOptimizer) -> None:
     non-finite norm skips the whole step, without the second pass (``optimizer.skipped_steps``).
     ([Note: clipping under gradient release] in ``optimi/_clipping.py``.)
 
-    Works on one process and under FSDP2 (each pass reduce-scatters the gradients again: twice the
-    gradient communication). Not under DDP: its reducer all-reduces only the first backward after
-    a forward.
+    Works on one process, under FSDP2 (each pass reduce-scatters the gradients again: twice the
+    gradient communication) and under DDP, whose reducer all-reduces only the first backward after
+    a forward: there the second pass all-reduces each parameter's gradient itself, unbucketed
+    (``optimi/distributed/ddp.py``).
 
     Raises:
         ValueError: ``optimizer`` has no ``max_grad_norm`` or no gradient release hooks installed.
-        NotImplementedError: the model is a ``DistributedDataParallel`` module.
     """
     if optimizer.max_grad_norm is None:
         raise ValueError("release_backward needs an optimizer with max_grad_norm set (the clip it makes exact)")
-    if not optimizer._gradient_release_active:
+    released = getattr(optimizer, "_release_model", lambda: None)()
+    if not optimizer._gradient_release_active or released is None:
         raise ValueError("release_backward needs gradient release: call prepare_for_gradient_release first")
-    if getattr(optimizer, "_release_kind", None) == "ddp":
-        raise NotImplementedError(
-            "release_backward does not support DDP (its reducer all-reduces only the first backward after a "
-            "forward); under DDP use the default previous-step clipping"
-        )
     clipping = optimizer._release_clipping
     optimizer._finish_release_backward()  # a previous backward's norm, if one is pending
     clipping.measuring = True
@@ -147,7 +144,13 @@ def release_backward(loss: Tensor, optimizer: OptimiOptimizer) -> None:
     if norm is None or not bool(torch.isfinite(norm)):
         optimizer._count_skipped("optimizer step (release_backward)")
         return
-    loss.backward()
+    if model_kind(released) == "ddp":
+        from optimi.distributed.ddp import reducing_each_parameter  # [Note: the single lazy import]
+
+        with reducing_each_parameter(released, optimizer):
+            loss.backward()
+    else:
+        loss.backward()
 
 
 # -- the installer registry -----------------------------------------------------------------------
@@ -280,8 +283,8 @@ def install_release_hooks(model: nn.Module, optimizer: OptimiOptimizer, *, ignor
 
     setattr(model, _HOOKS_ATTR, _ReleaseHooks(optimizer, installer.install(model, optimizer, trainable)))
     optimizer.set_gradient_release_active(True)
-    # release_backward needs to know: a second backward through a DDP graph is not all-reduced
-    optimizer._release_kind = model_kind(model)
+    # release_backward needs the model: a second backward through a DDP graph is not all-reduced
+    optimizer._release_model = weakref.ref(model)
 
 
 def uninstall_release_hooks(model: nn.Module) -> bool:

@@ -65,7 +65,9 @@ the original error ("Got the following error when running the callback: ValueErr
 
 # no `from __future__ import annotations`: DDP checks the comm hook's annotations at runtime
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -203,6 +205,33 @@ def _release_comm_hook(state: _DDPReleaseState, bucket: dist.GradBucket) -> torc
         return buffer
 
     return reduced.then(step_bucket)
+
+
+@contextlib.contextmanager
+def reducing_each_parameter(model: DistributedDataParallel, optimizer: OptimiOptimizer) -> Iterator[None]:
+    """A backward in this block averages and steps each gradient itself: ``release_backward``'s second pass.
+
+    DDP's reducer all-reduces only the first backward after a forward, so the second backward of
+    ``optimi.release_backward`` runs under ``no_sync()`` (the reducer stays out of it) with a
+    post-accumulate-grad hook on every parameter that all-reduces its gradient, averages it and
+    runs the release step. One all-reduce per parameter, unbucketed: every rank runs the same
+    backward, so the hooks, and their collectives, come in the same order on every rank.
+    """
+    world = dist.get_world_size(model.process_group)
+
+    def hook(param: Tensor) -> None:
+        assert param.grad is not None
+        dist.all_reduce(param.grad, group=model.process_group)
+        param.grad.div_(world)
+        release_step(optimizer, param)
+
+    handles = [param.register_post_accumulate_grad_hook(hook) for _, param in _trainable(model)]
+    try:
+        with model.no_sync():
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _refuse_no_sync(module: nn.Module, args: Any) -> None:
