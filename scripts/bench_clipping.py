@@ -1,6 +1,7 @@
 """Gradient clipping with and without gradient release on the small GPT: held-out loss and tokens/s.
 
-    OMP_NUM_THREADS=1 python scripts/bench_clipping.py --steps 600 --grad-clip 0.5
+    OMP_NUM_THREADS=1 python scripts/bench_clipping.py --steps 600 --grad-clip 1.0
+    python scripts/bench_clipping.py --steps 600 --grad-clip 1.0 --nproc 2 -- --parallel fsdp2  # or ddp
 
 Trains ``scripts/train.py``'s byte-level GPT on the standard library's source four times with the
 same seed, data order and optimizer (AdamW by default), changing only how gradients are clipped
@@ -29,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train  # noqa: E402
+from bench_convergence import run_ranks  # noqa: E402
 
 #: run name -> the train.py flags (``{clip}`` is the threshold)
 RUNS = {
@@ -44,6 +46,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--optimizer", default="adamw")
     parser.add_argument("--grad-clip", type=float, default=0.5, help="the clip threshold (global L2 norm)")
+    parser.add_argument("--nproc", type=int, default=1, help="ranks per run (torchrun; pass --parallel after --)")
     parser.add_argument("train_args", nargs="*", help="extra scripts/train.py flags, after --")
     args = parser.parse_args()
 
@@ -57,7 +60,7 @@ def main() -> None:
             print(f"== {name}: train.py {' '.join(argv[:6] + flags + args.train_args)}", flush=True)
             config = train.parse_args(argv)
             started = time.perf_counter()
-            val_loss = train.main(argv)
+            val_loss = train.main(argv) if args.nproc == 1 else run_ranks(args.nproc, argv)
             seconds = time.perf_counter() - started
             rows = [json.loads(line) for line in metrics.read_text().splitlines()]
             results[name] = {

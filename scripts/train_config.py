@@ -162,8 +162,6 @@ def config_problem(config: TrainConfig) -> str | None:
         return "--lr must be > 0"
     if config.exact_clip and not (config.gradient_release and config.grad_clip > 0):
         return "--exact-clip needs --gradient-release and --grad-clip (without release the clip is exact anyway)"
-    if config.exact_clip and config.parallel != "none":
-        return "--exact-clip (release_backward) runs on one process only for now"
     if config.parallel == "deepspeed":
         problem = deepspeed_engine.config_problem(config)
         if problem:
