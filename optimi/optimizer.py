@@ -723,6 +723,11 @@ class OptimiOptimizer(Optimizer):
                     entry = {key: value for key, value in entry.items() if key != "remainder"}
             state[index] = entry
         super().load_state_dict({**state_dict, "state": state})
+        # a state dict saved before a hyperparameter existed (rounding_seed, max_grad_norm,
+        # skipped_steps, ...) keeps this optimizer's value for it rather than dropping it
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
         params = [param for group in self.param_groups for param in group["params"]]
         for param in params:
             param_state = self.state.get(param, {})

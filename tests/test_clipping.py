@@ -343,3 +343,21 @@ def test_with_optimizer_accumulation_each_micro_batch_is_clipped_by_its_own_norm
         torch.testing.assert_close(clipped.grad_norm, norm, rtol=1e-6, atol=0)
     for a, b in zip(clipped_params, reference_params):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_state_dict_from_before_max_grad_norm_keeps_the_constructors_value():
+    """Loading a state dict saved without the newer group keys must not switch clipping off."""
+    params = make_params()
+    old = build("adamw", params, foreach=False)
+    saved = old.state_dict()
+    for group in saved["param_groups"]:
+        for key in ("max_grad_norm", "skipped_steps", "rounding_seed", "low_precision"):
+            group.pop(key)
+    optimizer = build("adamw", params, max_grad_norm=1.0, foreach=False)
+    optimizer.load_state_dict(saved)
+    assert optimizer.max_grad_norm == 1.0 and optimizer.skipped_steps == 0
+    assert all(group["rounding_seed"] == 0 for group in optimizer.param_groups)
+    for param, grad in zip(params, grads_of(0)):
+        param.grad = grad
+    optimizer.step()
+    assert optimizer.grad_norm is not None

@@ -170,7 +170,8 @@ def reduce_partial_sums(
         packed = torch.stack([partial.float(), torch.tensor(float(non_finite), device=partial.device)])
         for group in groups:
             dist.all_reduce(packed, group=group)
-        any_non_finite = any_non_finite or bool(packed[1] > 0) if groups else any_non_finite
+        if groups and bool(packed[1] > 0):  # some rank saw a non-finite gradient in these shards
+            any_non_finite = True
         total = packed[0] if total is None else total + packed[0].to(total.device)
     return (total if total is not None else torch.zeros((), dtype=torch.float32)), any_non_finite
 
