@@ -44,6 +44,9 @@ from optimi._torch_internals import at_end_of_backward, dynamo_supported
 
 __all__ = ["OptimiOptimizer", "resolve_backend", "fused_available", "LOW_PRECISION_DTYPES"]
 
+#: param-group keys that state dicts saved by earlier optimi versions lack
+_GROUP_KEYS_ADDED_LATER = ("low_precision", "rounding_seed", "max_grad_norm", "skipped_steps")
+
 # parameters of these types are stepped directly; any other tensor subclass (FSDP2's DTensor
 # shards) goes through optimi.distributed, which hands the kernels local tensors
 _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
@@ -723,11 +726,13 @@ class OptimiOptimizer(Optimizer):
                     entry = {key: value for key, value in entry.items() if key != "remainder"}
             state[index] = entry
         super().load_state_dict({**state_dict, "state": state})
-        # a state dict saved before a hyperparameter existed (rounding_seed, max_grad_norm,
-        # skipped_steps, ...) keeps this optimizer's value for it rather than dropping it
+        # a state dict saved before one of these group keys existed keeps this optimizer's value
+        # for it rather than dropping it (only optimi's own: torch's load paths, DCP's among them,
+        # map every other group key one to one)
         for group in self.param_groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
+            for key in _GROUP_KEYS_ADDED_LATER:
+                if key in self.defaults:
+                    group.setdefault(key, self.defaults[key])
         params = [param for group in self.param_groups for param in group["params"]]
         for param in params:
             param_state = self.state.get(param, {})
