@@ -462,6 +462,7 @@ class OptimiOptimizer(Optimizer):
         return max((group.get("skipped_steps", 0) for group in self.param_groups), default=0)
 
     def _count_skipped(self, what: str) -> None:
+        """Count one skip in every param group (so any group's state dict entry holds it) and warn."""
         total = self.skipped_steps + 1
         for group in self.param_groups:
             group["skipped_steps"] = total
@@ -486,6 +487,7 @@ class OptimiOptimizer(Optimizer):
         return True
 
     def _sharded(self, params: list[Tensor]) -> bool:
+        """Whether any of ``params`` is a tensor subclass (an FSDP2 DTensor) that optimi.distributed handles."""
         return torch.distributed.is_available() and any(type(p) not in _PLAIN_TENSOR_TYPES for p in params)
 
     def _global_norm(self, params: list[Tensor], grads: list[Tensor]) -> Tensor:
