@@ -5,25 +5,12 @@ Both run in this process and take about a second; the peers (torchao, heavyball)
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_low_precision.py"
+from tests.scripts import load_script
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("optimi_bench_low_precision", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_script()
+bench = load_script("bench_low_precision.py", "optimi_bench_low_precision")
 
 
 @pytest.fixture

@@ -198,16 +198,22 @@ def loss_of(model: torch.nn.Module, step: int) -> torch.Tensor:
     return torch.nn.functional.mse_loss(model(x), y)
 
 
-@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_release_clips_by_the_previous_backwards_norm(name):
-    """Release + max_grad_norm equals a loop that scales each backward's gradients by
-    min(1, max / (norm + 1e-6)) of the previous backward's norm (none at the first), then steps."""
+def release_and_reference(name: str, max_norm: float):
+    """A model under release with ``max_grad_norm`` and an identical unclipped one stepping normally."""
     cls, kwargs = OPTIMIZERS[name]
-    max_norm = 0.5
     released, reference = small_model(), small_model()
     released_opt = cls(released.parameters(), lr=1e-2, **kwargs, max_grad_norm=max_norm, gradient_release=True)
     reference_opt = cls(reference.parameters(), lr=1e-2, **kwargs, foreach=False)
     optimi.prepare_for_gradient_release(released, released_opt)
+    return released, released_opt, reference, reference_opt
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_release_clips_by_the_previous_backwards_norm(name):
+    """Release + max_grad_norm equals a loop that scales each backward's gradients by
+    min(1, max / (norm + 1e-6)) of the previous backward's norm (none at the first), then steps."""
+    max_norm = 0.5
+    released, released_opt, reference, reference_opt = release_and_reference(name, max_norm)
     coefficient, clipped = None, 0
     for step in range(6):
         loss_of(reference, step).backward()
@@ -280,12 +286,8 @@ def state_snapshot_of(optimizer, param) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("name", ["adamw", "sgd", "lion", "stableadamw"])
 def test_release_backward_equals_clip_grad_norm_then_step(name):
-    cls, kwargs = OPTIMIZERS[name]
     max_norm = 0.5
-    released, reference = small_model(), small_model()
-    released_opt = cls(released.parameters(), lr=1e-2, **kwargs, max_grad_norm=max_norm, gradient_release=True)
-    reference_opt = cls(reference.parameters(), lr=1e-2, **kwargs, foreach=False)
-    optimi.prepare_for_gradient_release(released, released_opt)
+    released, released_opt, reference, reference_opt = release_and_reference(name, max_norm)
     clipped = 0
     for step in range(5):
         loss_of(reference, step).backward()

@@ -10,7 +10,6 @@ launcher (``python -m torch.distributed.run``) in a subprocess, as a user would.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import re
@@ -21,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.scripts import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train.py"
 TIMEOUT = 240  # seconds per launched run; a hang fails instead of blocking the suite
@@ -30,15 +31,7 @@ TINY = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "32
 SHORT = TINY + ["--steps", "8", "--warmup-steps", "2", "--eval-batches", "2", "--log-every", "4", "--lr", "1e-2"]
 
 
-def _load_train_module():
-    spec = importlib.util.spec_from_file_location("optimi_train_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
-train_script = _load_train_module()
+train_script = load_script("train.py", "optimi_train_script")
 
 
 @pytest.fixture

@@ -696,17 +696,23 @@ def scenario_clipping() -> dict[str, Any]:
         "sgd": lambda params, **kw: optimi.SGD(params, lr=5e-2, momentum=0.9, foreach=False, **kw),
         "stableadamw": lambda params, **kw: optimi.StableAdamW(params, lr=1e-2, foreach=False, **kw),
     }
-    for name, build in builders.items():
+
+    def clipped_reference(build: Callable) -> tuple[dict[str, Tensor], list[float]]:
+        """One process on the full batch, ``clip_grad_norm_`` + ``step()``: final parameters, norms."""
         single = Net()
         single.load_state_dict(init)
         single_opt = build(single.parameters())
-        reference_norms = []
+        norms = []
         for ((x, y),) in data:
             nn.functional.mse_loss(single(x), y).backward()
-            reference_norms.append(torch.nn.utils.clip_grad_norm_(single.parameters(), max_norm).item())
+            norms.append(torch.nn.utils.clip_grad_norm_(single.parameters(), max_norm).item())
             single_opt.step()
             single_opt.zero_grad()
-        reference = {k: v.detach().clone() for k, v in single.named_parameters()}
+        return {k: v.detach().clone() for k, v in single.named_parameters()}, norms
+
+    clipped = {name: clipped_reference(build) for name, build in builders.items()}
+    for name, build in builders.items():
+        reference, reference_norms = clipped[name]
         for kind in ("fsdp2", "ddp"):
             model = sharded_net(init, torch.float32) if kind == "fsdp2" else ddp_net(init, torch.float32)
             opt = build(model.parameters(), max_grad_norm=max_norm)
@@ -752,17 +758,8 @@ def scenario_clipping() -> dict[str, Any]:
                 "clipped_steps": sum(n > max_norm for n in reference_norms[:-1]),
             }
             optimi.remove_gradient_release(model)
-    # release_backward: the exact clip in two passes
-    single = Net()
-    single.load_state_dict(init)
-    single_opt = builders["adamw"](single.parameters())
-    reference_norms = []
-    for ((x, y),) in data:
-        nn.functional.mse_loss(single(x), y).backward()
-        reference_norms.append(torch.nn.utils.clip_grad_norm_(single.parameters(), max_norm).item())
-        single_opt.step()
-        single_opt.zero_grad()
-    reference = {k: v.detach().clone() for k, v in single.named_parameters()}
+    # release_backward: the exact clip in two passes, against the same reference as step()
+    reference, reference_norms = clipped["adamw"]
     for kind in ("fsdp2", "ddp"):
         model = sharded_net(init, torch.float32) if kind == "fsdp2" else ddp_net(init, torch.float32)
         opt = builders["adamw"](model.parameters(), max_grad_norm=max_norm, gradient_release=True)
