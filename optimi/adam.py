@@ -69,6 +69,7 @@ class Adam(OptimiOptimizer):
         gradient_release: bool = False,
         fused: bool | None = None,
         max_grad_norm: float | None = None,
+        state_bits: int | None = None,
     ):
         defaults = dict(
             lr=lr,
@@ -85,6 +86,7 @@ class Adam(OptimiOptimizer):
             gradient_release=gradient_release,
             fused=fused,
             max_grad_norm=max_grad_norm,
+            state_bits=state_bits,
         )
         super().__init__(params, {**defaults, **self._extra_defaults()})
 
@@ -96,6 +98,8 @@ class Adam(OptimiOptimizer):
         super()._validate_group(group)
         check_betas(group["betas"], 2)
         check_range("eps", group["eps"], 0.0)
+
+    _QUANTIZED_STATES = {"exp_avg": "signed", "exp_avg_sq": "second"}
 
     def _init_state(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)

@@ -50,6 +50,7 @@ class AdamW(Adam):
         gradient_release: bool = False,
         fused: bool | None = None,
         max_grad_norm: float | None = None,
+        state_bits: int | None = None,
     ):
         super().__init__(
             params,
@@ -67,4 +68,5 @@ class AdamW(Adam):
             gradient_release=gradient_release,
             fused=fused,
             max_grad_norm=max_grad_norm,
+            state_bits=state_bits,
         )

@@ -75,6 +75,7 @@ class Adan(OptimiOptimizer):
         gradient_release: bool = False,
         fused: bool | None = None,
         max_grad_norm: float | None = None,
+        state_bits: int | None = None,
     ):
         defaults = dict(
             lr=lr,
@@ -91,6 +92,7 @@ class Adan(OptimiOptimizer):
             gradient_release=gradient_release,
             fused=fused,
             max_grad_norm=max_grad_norm,
+            state_bits=state_bits,
         )
         super().__init__(params, defaults)
 
@@ -98,6 +100,9 @@ class Adan(OptimiOptimizer):
         super()._validate_group(group)
         check_betas(group["betas"], 3)
         check_range("eps", group["eps"], 0.0)
+
+    # the previous gradient stays exact: the next step takes its difference with the new one
+    _QUANTIZED_STATES = {"exp_avg": "signed", "exp_avg_diff": "signed", "exp_avg_sq": "second"}
 
     def _init_state(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)

@@ -57,6 +57,7 @@ class Lion(OptimiOptimizer):
         gradient_release: bool = False,
         fused: bool | None = None,
         max_grad_norm: float | None = None,
+        state_bits: int | None = None,
     ):
         defaults = dict(
             lr=lr,
@@ -71,12 +72,15 @@ class Lion(OptimiOptimizer):
             gradient_release=gradient_release,
             fused=fused,
             max_grad_norm=max_grad_norm,
+            state_bits=state_bits,
         )
         super().__init__(params, defaults)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
         check_betas(group["betas"], 2)
+
+    _QUANTIZED_STATES = {"exp_avg": "signed"}
 
     def _init_state(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)

@@ -40,12 +40,21 @@ from optimi._low_precision import (
     write_master_,
 )
 from optimi._ops import LOW_PRECISION_DTYPES
+from optimi._quantization import (
+    blocks_per_row,
+    check_state_bits,
+    dequantize,
+    quantizable,
+    quantize_,
+    quantized_keys,
+    scale_key,
+)
 from optimi._torch_internals import at_end_of_backward, dynamo_supported
 
 __all__ = ["OptimiOptimizer", "resolve_backend", "fused_available", "LOW_PRECISION_DTYPES"]
 
 #: param-group keys that state dicts saved by earlier optimi versions lack
-_GROUP_KEYS_ADDED_LATER = ("low_precision", "rounding_seed", "max_grad_norm", "skipped_steps")
+_GROUP_KEYS_ADDED_LATER = ("low_precision", "rounding_seed", "max_grad_norm", "skipped_steps", "state_bits")
 
 # parameters of these types are stepped directly; any other tensor subclass (FSDP2's DTensor
 # shards) goes through optimi.distributed, which hands the kernels local tensors
@@ -79,6 +88,11 @@ SHARED_ARGS_DOC = """\
             whose gradients are not finite (``optimizer.skipped_steps``). ``float("inf")``
             measures and guards without clipping; ``None`` switches all three off. One value for
             the whole optimizer (default: None).
+        state_bits: ``8`` stores each moment as 8-bit codes with one float32 scale per block of
+            256 elements of a row (``float8 e4m3``; second moments by their square root), about
+            a quarter of fp32 state; tensors with under 4096 elements or one dimension keep
+            theirs. ``None`` keeps moments in the parameter's dtype (default: None). See
+            docs/state_bits.md.
 """
 
 
@@ -228,9 +242,16 @@ class OptimiOptimizer(Optimizer):
         defaults.setdefault("max_grad_norm", None)
         # steps skipped for a non-finite gradient norm, kept in every group (so state_dict and DCP save it)
         defaults.setdefault("skipped_steps", 0)
+        defaults.setdefault("state_bits", None)
         super().__init__(params, defaults)
 
     # -- subclass interface -------------------------------------------------------------------
+
+    #: the state keys that ``state_bits=8`` stores as codes, and how ([Note: 8-bit optimizer
+    #: state] in ``_quantization.py``): ``"signed"`` moments as they are, ``"second"`` moments by
+    #: their square root. States that are weights (Ranger's slow weights) or exact copies (Adan's
+    #: previous gradient) are not listed.
+    _QUANTIZED_STATES: dict[str, str] = {}
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         """Raise ``ValueError`` for an out-of-range hyperparameter of ``group``."""
@@ -238,6 +259,7 @@ class OptimiOptimizer(Optimizer):
         check_range("weight_decay", group["weight_decay"], 0.0)
         check_low_precision(group.get("low_precision"), group.get("kahan_sum"))
         check_max_grad_norm(group.get("max_grad_norm"))
+        check_state_bits(group.get("state_bits"))
         if group.get("max_lr") is not None:
             check_range("max_lr", group["max_lr"], 0.0, low_inclusive=False)
 
@@ -373,6 +395,11 @@ class OptimiOptimizer(Optimizer):
             elif mode == "remainder":
                 # the low 16 bits of the float32 master; zero: the master is the parameter's value
                 state["remainder"] = torch.zeros_like(param, dtype=torch.int16, memory_format=torch.preserve_format)
+            if group.get("state_bits") == 8 and quantizable(param):
+                for key in self._QUANTIZED_STATES:
+                    if key in state:  # zero codes with zero scales: the moments start at zero
+                        state[key] = torch.zeros_like(param, dtype=torch.uint8)
+                        state[scale_key(key)] = _block_scales_like(param)
             # per-parameter micro-step count; debiasing uses it under gradient release only
             state["step"] = 0
         return state
@@ -641,6 +668,53 @@ class OptimiOptimizer(Optimizer):
         backend: str,
         first_indices: list[int] | None = None,
     ) -> None:
+        """``_step_group`` on plain tensors: 8-bit states through float32 temporaries, low-precision modes.
+
+        Parameters whose moments are 8-bit codes ([Note: 8-bit optimizer state] in
+        ``_quantization.py``) are stepped in chunks of at most :data:`QUANTIZED_CHUNK_ELEMENTS`
+        elements: their moments are dequantized into float32 temporaries, the unchanged update
+        rule steps them (through :meth:`_step_with_masters`), and they are quantized back, so the
+        temporaries never exceed one chunk (or one parameter, if larger).
+        """
+        quantized = [i for i, state in enumerate(states) if quantized_keys(state, self._QUANTIZED_STATES)]
+        if not quantized:
+            masters_kw = dict(step=step, accumulate=accumulate, backend=backend, first_indices=first_indices)
+            self._step_with_masters(group, params, grads, states, **masters_kw)
+            return
+        plain = [i for i in range(len(params)) if i not in quantized]
+        chunks = [plain] if plain else []
+        for i in quantized:
+            full = chunks and _numel(params, chunks[-1]) + params[i].numel() > QUANTIZED_CHUNK_ELEMENTS
+            if not chunks or chunks[-1] is plain or full:
+                chunks.append([])
+            chunks[-1].append(i)
+        for chunk in chunks:
+            views = [_dequantized_view(states[i], self._QUANTIZED_STATES) for i in chunk]
+            self._step_with_masters(
+                group,
+                [params[i] for i in chunk],
+                [grads[i] for i in chunk],
+                views,
+                step=step,
+                accumulate=accumulate,
+                backend=backend,
+                first_indices=[first_indices[i] for i in chunk] if first_indices else None,
+            )
+            for i, view in zip(chunk, views):
+                _requantize_(states[i], view, self._QUANTIZED_STATES)
+
+    def _step_with_masters(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        states: list[dict[str, Any]],
+        *,
+        step: int,
+        accumulate: bool,
+        backend: str,
+        first_indices: list[int] | None = None,
+    ) -> None:
         """``_step_group``, stepping ``"stochastic"``/``"remainder"`` parameters through a float32 master.
 
         See [Note: low-precision update modes] in ``_low_precision.py``. With the fused backend the
@@ -711,21 +785,25 @@ class OptimiOptimizer(Optimizer):
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """``torch.optim.Optimizer.load_state_dict``, restoring int16 remainders from their bits.
+        """``torch.optim.Optimizer.load_state_dict``, keeping the bits of integer and 8-bit states.
 
-        Remainders arrive as bf16-typed bits ([Note: remainders travel as bf16 bits]), which
-        torch's cast to the parameter's bf16 dtype leaves alone; they are viewed back as int16.
-        (An int16 remainder, e.g. from a hand-built state dict, is set aside from that cast.)
+        torch casts every state tensor to its parameter's dtype as a number. Remainders arrive as
+        bf16-typed bits ([Note: remainders travel as bf16 bits]), which that cast to the bf16
+        parameter leaves alone, and are viewed back as int16. Tensors whose bits must not go
+        through the cast (an int16 remainder of a hand-built state dict, 8-bit codes and their
+        float32 scales: [Note: 8-bit optimizer state] in ``_quantization.py``) are set aside and
+        restored as they are, on the parameter's device.
         """
         saved_ids = [index for group in state_dict["param_groups"] for index in group["params"]]
         position = {index: i for i, index in enumerate(saved_ids)}
-        int16_remainders = {}
+        set_aside: dict[Any, dict[str, Tensor]] = {}
         state = {}
         for index, entry in state_dict["state"].items():
-            if isinstance(entry, dict) and isinstance(entry.get("remainder"), Tensor):
-                if entry["remainder"].dtype == torch.int16:
-                    int16_remainders[index] = entry["remainder"]
-                    entry = {key: value for key, value in entry.items() if key != "remainder"}
+            if isinstance(entry, dict):
+                kept = {key: value for key, value in entry.items() if _keeps_its_bits(entry, key)}
+                if kept:
+                    set_aside[index] = kept
+                    entry = {key: value for key, value in entry.items() if key not in kept}
             state[index] = entry
         super().load_state_dict({**state_dict, "state": state})
         # a state dict saved before one of these group keys existed keeps this optimizer's value
@@ -740,9 +818,10 @@ class OptimiOptimizer(Optimizer):
             param_state = self.state.get(param, {})
             if isinstance(param_state.get("remainder"), Tensor) and param_state["remainder"].dtype != torch.int16:
                 param_state["remainder"] = param_state["remainder"].view(torch.int16)
-        for index, remainder in int16_remainders.items():
+        for index, kept in set_aside.items():
             param = params[position[index]]
-            self.state[param]["remainder"] = remainder.to(device=param.device)
+            for key, value in kept.items():
+                self.state[param][key] = value.to(device=param.device)
 
     def set_gradient_release_active(self, active: bool) -> None:
         """Mark gradient release hooks as installed (``True``) or removed (``False``).
@@ -773,6 +852,55 @@ class OptimiOptimizer(Optimizer):
         self.__dict__.setdefault("_reduce_sums", None)
         self.__dict__.setdefault("_grad_norm", None)
         self.__dict__.setdefault("_release_clipping", ReleaseClipping())
+
+
+#: 8-bit states are stepped through float32 temporaries of at most this many elements per
+#: state (16 MiB each), or of one parameter where that is larger
+QUANTIZED_CHUNK_ELEMENTS = 1 << 22
+
+
+def _numel(params: list[Tensor], indices: list[int]) -> int:
+    return sum(params[i].numel() for i in indices)
+
+
+def _dequantized_view(state: dict[str, Any], kinds: dict[str, str]) -> dict[str, Any]:
+    """A copy of ``state`` whose 8-bit states are float32 tensors (the update rule's view of them)."""
+    view = dict(state)
+    for key in quantized_keys(state, kinds):
+        view[key] = dequantize(state[key], state[scale_key(key)], kinds[key])
+        del view[scale_key(key)]
+    return view
+
+
+def _requantize_(state: dict[str, Any], view: dict[str, Any], kinds: dict[str, str]) -> None:
+    """Quantize ``view``'s float32 states back into ``state``'s codes; carry its other entries over."""
+    for key, value in view.items():
+        if key in kinds and scale_key(key) in state:
+            quantize_(state[key], state[scale_key(key)], value, kinds[key])
+        else:
+            state[key] = value  # counters and buffers the step rebound
+
+
+def _block_scales_like(param: Tensor) -> Tensor:
+    """Zero float32 scales of shape ``(rows, blocks per row)`` for ``param``, sharded by rows like it.
+
+    The lazy import follows [Note: the single lazy import]: it runs only for a sharded parameter.
+    """
+    if torch.distributed.is_available() and type(param) not in _PLAIN_TENSOR_TYPES:
+        from optimi.distributed._dtensor import rows_like
+
+        return rows_like(param, blocks_per_row(param.shape), torch.float32)
+    return torch.zeros(param.shape[0], blocks_per_row(param.shape), dtype=torch.float32, device=param.device)
+
+
+def _keeps_its_bits(entry: dict[str, Any], key: str) -> bool:
+    """Whether state ``entry[key]`` must bypass torch's cast to the parameter dtype on loading."""
+    value = entry[key]
+    if not isinstance(value, Tensor):
+        return False
+    if key == "remainder":
+        return value.dtype == torch.int16
+    return value.dtype == torch.uint8 or (key.endswith("_scales") and key[: -len("_scales")] in entry)
 
 
 def _remainder_as_bits(entry: dict[str, Any]) -> dict[str, Any]:

@@ -72,6 +72,7 @@ class Ranger(RAdam):
         gradient_release: bool = False,
         fused: bool | None = None,
         max_grad_norm: float | None = None,
+        state_bits: int | None = None,
     ):
         # Lookahead's hyperparameters join RAdam's defaults through Adam's _extra_defaults
         self._lookahead_defaults = {"k": k, "alpha": alpha}
@@ -91,6 +92,7 @@ class Ranger(RAdam):
             gradient_release=gradient_release,
             fused=fused,
             max_grad_norm=max_grad_norm,
+            state_bits=state_bits,
         )
 
     def _extra_defaults(self) -> dict[str, Any]:

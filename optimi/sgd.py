@@ -63,6 +63,7 @@ class SGD(OptimiOptimizer):
         gradient_release: bool = False,
         fused: bool | None = None,
         max_grad_norm: float | None = None,
+        state_bits: int | None = None,
     ):
         defaults = dict(
             lr=lr,
@@ -80,6 +81,7 @@ class SGD(OptimiOptimizer):
             gradient_release=gradient_release,
             fused=fused,
             max_grad_norm=max_grad_norm,
+            state_bits=state_bits,
         )
         super().__init__(params, defaults)
 
@@ -88,6 +90,8 @@ class SGD(OptimiOptimizer):
         check_range("momentum", group["momentum"], 0.0, 1.0)
         if not isinstance(group["dampening"], bool):
             raise ValueError(f"Invalid dampening: {group['dampening']!r} (must be a bool: True or False)")
+
+    _QUANTIZED_STATES = {"momentum_buffer": "signed"}
 
     def _init_state(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         if group["momentum"] != 0:

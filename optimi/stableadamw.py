@@ -77,6 +77,7 @@ class StableAdamW(Adam):
         gradient_release: bool = False,
         fused: bool | None = None,
         max_grad_norm: float | None = None,
+        state_bits: int | None = None,
     ):
         # Adam's hyperparameters, validation and state (two moments); weight decay is always
         # decoupled, so the group's decouple_wd is pinned to True, as torch's AdamW pins Adam's
@@ -96,6 +97,7 @@ class StableAdamW(Adam):
             gradient_release=gradient_release,
             fused=fused,
             max_grad_norm=max_grad_norm,
+            state_bits=state_bits,
         )
 
     def _step_group(

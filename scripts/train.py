@@ -116,6 +116,8 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> optimi.OptimiOptim
     if weight_decay is None:  # the optimizer's own default
         weight_decay = inspect.signature(cls).parameters["weight_decay"].default
     groups = optimi.param_groups_weight_decay(model, weight_decay)
+    if config.torchao_adamw8bit is not None:
+        return torchao_adamw8bit(groups, config)
     kahan_sum = {"auto": None, "on": True, "off": False}[config.kahan]
     return cls(
         groups,
@@ -125,7 +127,17 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> optimi.OptimiOptim
         gradient_release=config.gradient_release,
         # DeepSpeed clips itself (its config's gradient_clipping)
         max_grad_norm=config.grad_clip if config.grad_clip > 0 and config.parallel != "deepspeed" else None,
+        state_bits=config.state_bits,
     )
+
+
+def torchao_adamw8bit(groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
+    """torchao's ``AdamW8bit`` from the ``--torchao-adamw8bit`` directory, for comparisons (bf16
+    parameters: its stochastic rounding, torchao's way of keeping small updates)."""
+    sys.path.insert(0, config.torchao_adamw8bit)
+    from torchao.optim import AdamW8bit
+
+    return AdamW8bit(groups, lr=config.lr, bf16_stochastic_round=config.dtype == "bf16")
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -183,7 +195,7 @@ def train(config: TrainConfig, runtime: Runtime, training: Training, start: int)
             loss = train_step(training.model, training.optimizer, batches, config)
             training.scheduler.step()
         # the last backward's gradient norm with --grad-clip (a tensor: read only when logged)
-        grad_norm = training.optimizer.grad_norm if config.parallel != "deepspeed" else None
+        grad_norm = getattr(training.optimizer, "grad_norm", None) if config.parallel != "deepspeed" else None
         pending.append((step, lr, loss, grad_norm))
 
         if step % config.log_every == 0 or step == config.steps:

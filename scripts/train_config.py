@@ -66,6 +66,20 @@ class TrainConfig:
         type=str.lower,
         choices=("kahan", "stochastic", "remainder", "nearest"),
     )
+    state_bits: int | None = flag(
+        None,
+        "8: store the optimizer's moments as 8-bit codes with per-block scales (docs/state_bits.md); "
+        "default: in the parameters' dtype",
+        type=int,
+        choices=(8,),
+    )
+    torchao_adamw8bit: str | None = flag(
+        None,
+        "for comparisons: train with torchao's AdamW8bit imported from this directory "
+        "(pip install --no-deps --target DIR torchao) instead of an optimi optimizer",
+        type=str,
+        metavar="DIR",
+    )
     gradient_release: bool = flag(
         False, "step each parameter during backward and free its gradient at once", action="store_true"
     )
@@ -175,6 +189,14 @@ def config_problem(config: TrainConfig) -> str | None:
     if config.low_precision is not None and config.kahan != "auto":
         if config.low_precision != ("kahan" if config.kahan == "on" else "nearest"):
             return f"--low-precision {config.low_precision} contradicts --kahan {config.kahan}: give one of them"
+    if config.torchao_adamw8bit is not None:
+        if config.optimizer != "adamw" or config.gradient_release or config.state_bits or config.low_precision:
+            return (
+                "--torchao-adamw8bit replaces --optimizer adamw and takes none of --gradient-release, "
+                "--state-bits, --low-precision"
+            )
+        if config.parallel not in ("none", "fsdp2"):
+            return "--torchao-adamw8bit runs on one process or under --parallel fsdp2"
     if config.resume == "latest" and config.checkpoint_dir is None:
         return "--resume without a path resumes from --checkpoint-dir, so give --checkpoint-dir"
     return None

@@ -128,6 +128,33 @@ def _wrap_like(local_tensor: Tensor, param: DTensor) -> DTensor:
     )
 
 
+def rows_like(param: Tensor, columns: int, dtype: torch.dtype) -> Tensor:
+    """Zeros of shape ``(param.shape[0], columns)``, sharded by rows exactly like ``param``.
+
+    For per-row block scales ([Note: 8-bit optimizer state] in ``optimi/_quantization.py``): a
+    ``Shard(0)`` DTensor splits rows the same way whatever its other dimensions, so each rank's
+    scales belong to the rows of its parameter shard. Other placements than ``Shard(0)`` and
+    ``Replicate`` are refused.
+    """
+    if not isinstance(param, DTensor):
+        return torch.zeros(param.shape[0], columns, dtype=dtype, device=param.device)
+    for placement in param.placements:
+        if placement.is_shard() and placement.dim != 0:
+            raise NotImplementedError(
+                f"state_bits=8 on a DTensor sharded as {param.placements}: blocks follow rows, so only Shard(0) "
+                "(FSDP2, HSDP) and Replicate placements are supported"
+            )
+    local_param = local(param)
+    return DTensor.from_local(
+        torch.zeros(local_param.shape[0], columns, dtype=dtype, device=local_param.device),
+        param.device_mesh,
+        param.placements,
+        run_check=False,
+        shape=torch.Size((param.shape[0], columns)),
+        stride=(columns, 1),
+    )
+
+
 def map_local(function: Callable[..., Tensor], like: Tensor, *tensors: Tensor) -> Tensor:
     """``function`` of the local shards of ``tensors``, as a DTensor sharded like ``like``.
 
@@ -254,7 +281,8 @@ def step_local(
     first_indices = [first_element_index(p) for p in params] if group.get("low_precision") == "stochastic" else None
     # the float32-master modes step one parameter at a time (OptimiOptimizer._step_in_precision), so
     # whole-tensor sums are then reduced for that parameter alone
-    one_at_a_time = group.get("low_precision") in MASTER_MODES and not accumulate
+    # and so do 8-bit states (dequantized one chunk at a time)
+    one_at_a_time = (group.get("low_precision") in MASTER_MODES and not accumulate) or group.get("state_bits")
     batches = [[i] for i in range(len(params))] if one_at_a_time else [list(range(len(params)))]
     try:
         for batch in batches:
