@@ -7,6 +7,7 @@ run is compared with a single-process run on the full global batch (each rank ta
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -318,3 +319,137 @@ def test_a_non_finite_gradient_never_reaches_weights_or_state_on_2_ranks(clippin
         row = rank[f"{kind}/{mode}/non_finite"]
         assert row["finite"], row
         assert row["skipped"] >= 1, row
+
+
+# -- 8-bit optimizer state (state_bits=8) -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def state_bits() -> list[dict[str, Any]]:
+    return run_ranks("state_bits")
+
+
+# worker.WideNet's parameters: global shape and the rows FSDP2 gives each of 2 ranks (torch.chunk: the
+# first rank takes the extra row); the two weights are quantized, with this many blocks per row
+WIDE_NET = {
+    "l1.weight": ([400, 12], [200, 200], 1),
+    "l1.bias": ([400], [200, 200], None),
+    "l2.weight": ([15, 400], [8, 7], 2),  # uneven shards, and a short second block (144 elements)
+    "l2.bias": ([15], [8, 7], None),
+    "out.weight": ([7, 15], [4, 3], None),
+    "out.bias": ([7], [4, 3], None),
+}
+MOMENTS = ["exp_avg", "exp_avg_sq"]
+
+
+def _assert_quantized_layout(layout: dict[str, Any], rank: int, sharded: bool = True) -> None:
+    """Codes (uint8, the parameter's shape) and float32 scales (rows x blocks), both sharded by the
+    parameter's rows; parameters below 4096 elements or 1-d keep unquantized moments."""
+    assert layout.keys() == WIDE_NET.keys()
+    for name, (shape, rows, blocks) in WIDE_NET.items():
+        entry = layout[name]
+        if blocks is None:
+            assert entry["codes"] == [], name
+            continue
+        assert entry["codes"] == MOMENTS, name
+        local_rows = rows[rank] if sharded else shape[0]
+        for key in MOMENTS:
+            got = entry[key]
+            assert got["shape"] == shape and got["local_shape"] == [local_rows, *shape[1:]], (name, got)
+            assert got["scales_dtype"] == "torch.float32", (name, got)
+            assert got["scales_shape"] == [shape[0], blocks], (name, got)
+            assert got["scales_local_shape"] == [local_rows, blocks], (name, got)
+            assert got["param_local_rows"] == local_rows and got["sharded"], (name, got)
+
+
+@pytest.mark.parametrize("case", ["adamw/fp32", "adamw/bf16_stochastic"])
+def test_state_bits_fsdp2_bit_identical_to_one_process(state_bits, case):
+    """4 steps on the one-process run's global gradients (each rank gets its rows): weights, gathered
+    codes and gathered scales are bit-identical, because a block never straddles two shards (bf16 +
+    stochastic rounding too: the random bits hash each element's index in the whole tensor)."""
+    for rank, result in enumerate(state_bits):
+        entry = result[f"fsdp/{case}"]
+        assert entry["mismatches"] == [] and entry["param_rel_err"] == 0.0, entry["mismatches"]
+        _assert_quantized_layout(entry["layout"], rank)
+        _assert_quantized_layout(entry["reference_layout"], rank, sharded=False)
+
+
+def test_state_bits_fsdp2_stableadamw_reduces_each_tensors_rms(state_bits):
+    """StableAdamW's per-tensor RMS is reduced across the shards of each parameter: the moments (codes
+    and scales included) are bit-identical, and the weights agree to the last bit of the update (one
+    process sums a whole tensor in float32, the ranks add their shards' float32 sums in float64; the
+    same difference as without state_bits)."""
+    for rank, result in enumerate(state_bits):
+        entry = result["fsdp/stableadamw/fp32"]
+        assert all(key.endswith("/param") for key in entry["mismatches"]), entry["mismatches"]
+        assert entry["param_rel_err"] <= 1e-6, entry
+        _assert_quantized_layout(entry["layout"], rank)
+
+
+def test_state_bits_fsdp2_gradient_release_matches_one_process(state_bits):
+    """4 steps on half the batch per rank: release and step() agree with one process to the fp32
+    contract, and with each other bit for bit (the same reduce-scattered gradients)."""
+    for rank, result in enumerate(state_bits):
+        for mode in ("step", "release"):
+            entry = result[f"fsdp_train/{mode}"]
+            assert entry["rel_err"] <= FP32_RTOL, entry
+            assert entry["grads_left"] == 0
+            _assert_quantized_layout(entry["layout"], rank)
+        assert result["fsdp_train/release_vs_step_mismatches"] == []
+
+
+@pytest.mark.parametrize("mode", ["step", "release"])
+def test_state_bits_ddp_replicas_identical_and_match_one_process(state_bits, mode):
+    for result in state_bits:
+        entry = result[f"ddp/{mode}"]
+        assert entry["rel_err"] <= FP32_RTOL, entry
+        assert entry["params_identical"] and entry["state_identical"]  # weights, codes, scales: same bits
+        _assert_quantized_layout(entry["layout"], 0, sharded=False)
+        assert result["ddp/release_vs_step_mismatches"] == []
+
+
+@pytest.mark.parametrize("direction", ["2to1", "1to2", "2to2"])
+def test_state_bits_checkpoints_reshard_exactly(state_bits, direction):
+    """2 steps, a DCP checkpoint, 2 more steps: bit-identical to 4 uninterrupted steps of one process.
+    2to1: optimi.distributed.save_checkpoint on 2 FSDP2 ranks, loaded by one process alone (dcp.load,
+    no_dist); 1to2: one process's dcp.save loaded into 2 FSDP2 ranks; 2to2: load_checkpoint on 2 ranks."""
+    for rank, result in enumerate(state_bits):
+        entry = result[f"checkpoint/{direction}"]
+        assert entry["loaded_mismatches"] == [], entry
+        assert entry["continued_mismatches"] == [], entry
+        if direction == "1to2":
+            _assert_quantized_layout(entry["layout"], rank)
+
+
+def test_state_bits_full_state_dict_gathers_codes_and_restores_them(state_bits):
+    """get_optimizer_state_dict(full_state_dict=True) all-gathers the uint8 codes and float32 scales
+    over gloo (bit-identical to one process), and that dict loads exactly into one process
+    (load_state_dict) and into 2 FSDP2 ranks (set_optimizer_state_dict), which then train on exactly."""
+    for rank, result in enumerate(state_bits):
+        assert result["full_state_dict/gathered_mismatches"] == []
+        entry = result["full_state_dict"]
+        for key in ("one_process_loaded", "one_process_continued", "resharded_loaded", "resharded_continued"):
+            assert entry[key] == [], (key, entry[key])
+        _assert_quantized_layout(entry["resharded_layout"], rank)
+
+
+def test_state_bits_memory_report_counts_local_codes_and_scales(state_bits):
+    """Each rank reports its own codes + scales (+ the small unquantized moments): about half of one
+    process's state bytes, and the ranks' reports add up to it exactly."""
+    reported = state_bits[0]["memory"]["report_states_per_rank"]
+    assert len(reported) == 2
+    for rank, result in enumerate(state_bits):
+        memory = result["memory"]
+        assert memory["report_states_per_rank"] == reported  # the same report on every rank
+        # what the rank holds, counted from the shapes: 1 byte per code, 4 per scale, 4 per fp32 moment
+        expected = 0
+        for shape, rows, blocks in WIDE_NET.values():
+            per_row = math.prod(shape[1:])
+            if blocks is None:
+                expected += len(MOMENTS) * rows[rank] * per_row * 4
+            else:
+                expected += len(MOMENTS) * rows[rank] * (per_row + 4 * blocks)
+        assert reported[rank] == memory["local_state_bytes"] == expected
+        assert 0.45 <= reported[rank] / memory["single_state_bytes"] <= 0.55
+        assert 0.45 <= memory["local_code_and_scale_bytes"] / memory["single_code_and_scale_bytes"] <= 0.55
+    assert sum(reported) == state_bits[0]["memory"]["single_state_bytes"]

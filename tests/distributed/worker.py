@@ -130,7 +130,7 @@ def scheduler_order_warnings(model: nn.Module, opt: Any) -> list[str]:
 
 
 def reference_params(
-    init: dict[str, Tensor], case: OptCase, data: list, dtype: torch.dtype
+    init: dict[str, Tensor], case: OptCase, data: list, dtype: torch.dtype, net: type[nn.Module] | None = None
 ) -> tuple[dict[str, Tensor], Any]:
     """Single process, full global batch, normal ``opt.step()`` on the for-loop backend.
 
@@ -138,7 +138,7 @@ def reference_params(
     fused backend: that agrees with the for-loop to one ulp per step (``tests/test_fused.py``), and
     over a whole run those ulps feed back through the gradients, so there one process runs fused too.
     """
-    model = Net().to(dtype)
+    model = (net or Net)().to(dtype)
     model.load_state_dict(init)
     kwargs = dict(case.kwargs)
     if not (kwargs.get("fused") and dtype != torch.float32):
@@ -168,20 +168,22 @@ def my_rows() -> slice:
     return slice(rank * share, (rank + 1) * share)
 
 
-def fresh_init(dtype: torch.dtype) -> dict[str, Tensor]:
+def fresh_init(dtype: torch.dtype, net: type[nn.Module] | None = None) -> dict[str, Tensor]:
     torch.manual_seed(0)
-    return {k: v.clone() for k, v in Net().to(dtype).state_dict().items()}
+    return {k: v.clone() for k, v in (net or Net)().to(dtype).state_dict().items()}
 
 
 # -- FSDP2 ----------------------------------------------------------------------------------------
 
 
-def sharded_net(init: dict[str, Tensor], dtype: torch.dtype, mp_policy: Any = None) -> nn.Module:
+def sharded_net(
+    init: dict[str, Tensor], dtype: torch.dtype, mp_policy: Any = None, net: type[nn.Module] | None = None
+) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    model = Net().to(dtype)
+    model = (net or Net)().to(dtype)
     model.load_state_dict(init)
     kwargs = {"mesh": mesh} if mp_policy is None else {"mesh": mesh, "mp_policy": mp_policy}
     fully_shard(model.l1, **kwargs)
@@ -377,8 +379,10 @@ def dcp_round_trip(model: nn.Module, opt: Any) -> bool:
 # -- DDP ------------------------------------------------------------------------------------------
 
 
-def ddp_net(init: dict[str, Tensor], dtype: torch.dtype, **ddp_kwargs: Any) -> nn.parallel.DistributedDataParallel:
-    model = Net().to(dtype)
+def ddp_net(
+    init: dict[str, Tensor], dtype: torch.dtype, net: type[nn.Module] | None = None, **ddp_kwargs: Any
+) -> nn.parallel.DistributedDataParallel:
+    model = (net or Net)().to(dtype)
     model.load_state_dict(init)
     return nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
 
@@ -804,6 +808,383 @@ def scenario_clipping() -> dict[str, Any]:
     return results
 
 
+# -- 8-bit optimizer state ------------------------------------------------------------------------
+
+
+class WideNet(nn.Module):
+    """Net with two weights that ``state_bits=8`` stores as codes (>= 4096 elements, 2-d).
+
+    ``l1.weight`` is 400 x 12 (rows split 200 + 200, one short block per row); ``l2.weight`` is
+    15 x 400 (rows split 8 + 7: uneven shards, two blocks per row of 256 + 144 elements). ``out``
+    (7 x 15) and the biases are too small and keep their moments in the parameter's dtype.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(12, 400)
+        self.l2 = nn.Linear(400, 15)
+        self.out = nn.Linear(15, 7)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.l2(torch.tanh(self.l1(x)))))
+
+
+#: the parameters WideNet quantizes
+QUANTIZED_PARAMS = ("l1.weight", "l2.weight")
+
+
+def recorded_gradients(
+    init: dict[str, Tensor], build: Callable[..., Any], kwargs: dict[str, Any], data: list, dtype: torch.dtype
+) -> tuple[list[dict[str, Tensor]], nn.Module, Any]:
+    """One process, full global batch, ``state_bits=8``: every step's gradients, the model and optimizer."""
+    model = WideNet().to(dtype)
+    model.load_state_dict(init)
+    opt = build(model.parameters(), state_bits=8, **kwargs)
+    grads = []
+    for ((x, y),) in data:
+        nn.functional.mse_loss(model(x), y).backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+        opt.step()
+        opt.zero_grad()
+    return grads, model, opt
+
+
+def replay(model: nn.Module, opt: Any, grads: list[dict[str, Tensor]]) -> None:
+    """``opt.step()`` on recorded global gradients: an FSDP2 parameter gets its rows of them.
+
+    Every rank then steps with exactly the gradients of the one-process run (a backward on half the
+    batch followed by a reduce-scatter rounds differently), so any difference is the optimizer's.
+    The gradients are copied: StableAdamW leaves its RMS terms in the gradient buffer.
+    """
+    from torch.distributed.tensor import DTensor
+
+    from optimi.distributed._dtensor import first_element_index, local
+
+    for step_grads in grads:
+        for name, param in model.named_parameters():
+            grad = step_grads[name]
+            if isinstance(param, DTensor):
+                mine = local(param.detach())
+                first = first_element_index(param)
+                shard = grad.reshape(-1)[first : first + mine.numel()].reshape(mine.shape).clone()
+                mesh, placements = param.device_mesh, param.placements
+                param.grad = DTensor.from_local(
+                    shard, mesh, placements, run_check=False, shape=param.shape, stride=param.stride()
+                )
+            else:
+                param.grad = grad.clone()
+        opt.step()
+        opt.zero_grad()
+
+
+def single_replay(
+    init: dict[str, Tensor], build: Callable[..., Any], kwargs: dict[str, Any], grads: list, dtype: torch.dtype
+) -> tuple[nn.Module, Any]:
+    model = WideNet().to(dtype)
+    model.load_state_dict(init)
+    opt = build(model.parameters(), state_bits=8, **kwargs)
+    replay(model, opt, grads)
+    return model, opt
+
+
+def whole_state(model: nn.Module, opt: Any) -> dict[str, dict[str, Any]]:
+    """Parameters and optimizer state by parameter name, DTensors gathered (collective)."""
+    from optimi.distributed._dtensor import full_tensor
+
+    unwrapped = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return {
+        name: {
+            "param": full_tensor(p.detach()).clone(),
+            **{k: full_tensor(v).clone() if isinstance(v, Tensor) else v for k, v in opt.state[p].items()},
+        }
+        for name, p in unwrapped.named_parameters()
+    }
+
+
+def mismatches(actual: dict[str, dict[str, Any]], expected: dict[str, dict[str, Any]]) -> list[str]:
+    """``name/key`` of every entry that is not bit-identical (dtype, shape and bits), or missing."""
+    wrong = []
+    for name in expected.keys() | actual.keys():
+        mine, theirs = actual.get(name, {}), expected.get(name, {})
+        for key in mine.keys() | theirs.keys():
+            a, b = mine.get(key), theirs.get(key)
+            if isinstance(a, Tensor) and isinstance(b, Tensor):
+                same = a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+            else:
+                same = type(a) is type(b) and a == b
+            if not same:
+                wrong.append(f"{name}/{key}")
+    return sorted(wrong)
+
+
+def quantized_layout(model: nn.Module, opt: Any) -> dict[str, dict[str, Any]]:
+    """Per parameter: which states are codes, and the global and local shapes of codes and scales."""
+    from torch.distributed.tensor import DTensor
+
+    from optimi.distributed._dtensor import local
+
+    layout = {}
+    for name, p in model.named_parameters():
+        state = opt.state[p]
+        codes_keys = sorted(k for k, v in state.items() if isinstance(v, Tensor) and v.dtype == torch.uint8)
+        entry: dict[str, Any] = {"codes": codes_keys}
+        for key in entry["codes"]:
+            codes, scales = state[key], state[f"{key}_scales"]
+            entry[key] = {
+                "shape": list(codes.shape),
+                "local_shape": list(local(codes).shape),
+                "scales_dtype": str(scales.dtype),
+                "scales_shape": list(scales.shape),
+                "scales_local_shape": list(local(scales).shape),
+                "param_local_rows": local(p).shape[0],
+                # sharded like the parameter: DTensors with its placements (plain for a plain parameter)
+                "sharded": all(
+                    isinstance(t, DTensor) == isinstance(p, DTensor)
+                    and (not isinstance(p, DTensor) or t.placements == p.placements)
+                    for t in (codes, scales)
+                ),
+            }
+        layout[name] = entry
+    return layout
+
+
+def codes_identical_across_ranks(opt: Any) -> bool:
+    """Every rank holds the same bits in every state tensor (DDP replicas)."""
+    flat = torch.cat(
+        [
+            v.reshape(-1).view(torch.uint8).to(torch.float32)  # the bits, whatever the dtype
+            for s in opt.state.values()
+            for v in s.values()
+            if isinstance(v, Tensor)
+        ]
+    )
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    return all(torch.equal(gathered[0], g) for g in gathered[1:])
+
+
+def init_all_state(opt: Any) -> None:
+    """Allocate every parameter's state, so that DCP has tensors (codes, scales) to load into."""
+    for group in opt.param_groups:
+        for param in group["params"]:
+            opt.init_param_state(param, group)
+
+
+def dcp_save_or_load(model: nn.Module, opt: Any, path: Path, *, load: bool, no_dist: bool) -> None:
+    """``get_state_dict`` + ``dcp.save``/``dcp.load`` (+ ``set_state_dict``), under the keys that
+    ``optimi.distributed.save_checkpoint`` uses; ``no_dist``: this process alone."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if load:
+        init_all_state(opt)
+    model_state, optim_state = get_state_dict(model, opt)
+    state = {"model": model_state, "optimizer": optim_state}
+    if not load:
+        dcp.save(state, checkpoint_id=path, no_dist=no_dist)
+        return
+    dcp.load(state, checkpoint_id=path, no_dist=no_dist)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def scenario_state_bits() -> dict[str, Any]:
+    """``state_bits=8`` on FSDP2 and DDP against one process ([Note: 8-bit optimizer state]).
+
+    FSDP2 runs replay the one-process run's global gradients (``replay``), so parameters, codes and
+    scales must agree bit for bit; release and DDP runs train on half the batch per rank.
+    """
+    import copy
+    import shutil
+    import tempfile
+
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    from optimi.distributed import load_checkpoint, save_checkpoint
+    from optimi.distributed._dtensor import local_nbytes
+
+    results: dict[str, Any] = {}
+    rows = my_rows()
+    steps, saved_at = 4, 2
+    adamw_kwargs = dict(lr=1e-2, weight_decay=1e-2)
+    cases = {
+        "adamw/fp32": (optimi.AdamW, adamw_kwargs, torch.float32),
+        # the RMS of each whole tensor: reduced across the shards of a parameter
+        "stableadamw/fp32": (optimi.StableAdamW, adamw_kwargs, torch.float32),
+        # the random bits hash each element's index in the whole tensor
+        "adamw/bf16_stochastic": (optimi.AdamW, dict(adamw_kwargs, low_precision="stochastic"), torch.bfloat16),
+    }
+    recorded = {}
+    # 1. FSDP2 steps on the global gradients of one process: bit-identical weights, codes and scales
+    for label, (build, kwargs, dtype) in cases.items():
+        init = fresh_init(dtype, WideNet)
+        grads, single, single_opt = recorded_gradients(init, build, kwargs, make_data(steps, 1, dtype), dtype)
+        recorded[label] = (init, grads, single, single_opt)
+        model = sharded_net(init, dtype, net=WideNet)
+        opt = build(model.parameters(), state_bits=8, **kwargs)
+        replay(model, opt, grads)
+        sharded_state, single_state = whole_state(model, opt), whole_state(single, single_opt)
+        results[f"fsdp/{label}"] = {
+            "mismatches": mismatches(sharded_state, single_state),
+            "param_rel_err": rel_err(
+                {n: e["param"] for n, e in sharded_state.items()}, {n: e["param"] for n, e in single_state.items()}
+            ),
+            "layout": quantized_layout(model, opt),
+            "reference_layout": quantized_layout(single, single_opt),
+        }
+        if label == "adamw/fp32":
+            # 5. the memory report counts this rank's codes and scales
+            report = memory_report(model, opt)
+            results["memory"] = {
+                "report_states_per_rank": [r.optimizer_states for r in report.ranks],
+                "local_state_bytes": sum(
+                    local_nbytes(v) for s in opt.state.values() for v in s.values() if isinstance(v, Tensor)
+                ),
+                "local_code_and_scale_bytes": sum(
+                    local_nbytes(v)
+                    for s in opt.state.values()
+                    for k, v in s.items()
+                    if isinstance(v, Tensor) and (v.dtype == torch.uint8 or k.endswith("_scales"))
+                ),
+                "single_state_bytes": state_bytes(single_opt),
+                "single_code_and_scale_bytes": sum(
+                    v.numel() * v.element_size()
+                    for s in single_opt.state.values()
+                    for k, v in s.items()
+                    if isinstance(v, Tensor) and (v.dtype == torch.uint8 or k.endswith("_scales"))
+                ),
+            }
+
+    # 2. FSDP2 + gradient release on half the batch per rank, against one process and FSDP2 step()
+    adamw = OptCase("adamw", optimi.AdamW, dict(adamw_kwargs, state_bits=8))
+    data = make_data(steps, 1, torch.float32)
+    init = fresh_init(torch.float32, WideNet)
+    reference, _ = reference_params(init, adamw, data, torch.float32, net=WideNet)
+    finals = {}
+    for mode in ("step", "release"):
+        model = sharded_net(init, torch.float32, net=WideNet)
+        release = mode == "release"
+        opt = adamw.build(model.parameters(), gradient_release=release, **adamw.kwargs)
+        if release:
+            prepare_for_gradient_release(model, opt)
+        train(model, opt, data, rows=rows, release=release)
+        finals[mode] = whole_state(model, opt)
+        results[f"fsdp_train/{mode}"] = {
+            "rel_err": rel_err({n: e["param"] for n, e in finals[mode].items()}, reference),
+            "grads_left": sum(p.grad is not None for p in model.parameters()),
+            "layout": quantized_layout(model, opt),
+        }
+        if release:
+            remove_gradient_release(model)
+    results["fsdp_train/release_vs_step_mismatches"] = mismatches(finals["release"], finals["step"])
+
+    # 3. DDP, step and release: replicas bit-identical (weights and every state), near one process
+    ddp_finals = {}
+    for mode in ("step", "release"):
+        model = ddp_net(init, torch.float32, net=WideNet)
+        release = mode == "release"
+        opt = adamw.build(model.parameters(), gradient_release=release, **adamw.kwargs)
+        if release:
+            prepare_for_gradient_release(model, opt)
+        train(model, opt, data, rows=rows, release=release)
+        ddp_finals[mode] = whole_state(model, opt)
+        results[f"ddp/{mode}"] = {
+            "rel_err": rel_err({n: e["param"] for n, e in ddp_finals[mode].items()}, reference),
+            "params_identical": replicas_identical(model),
+            "state_identical": codes_identical_across_ranks(opt),
+            "layout": quantized_layout(model.module, opt),
+        }
+        if release:
+            remove_gradient_release(model)
+    results["ddp/release_vs_step_mismatches"] = mismatches(ddp_finals["release"], ddp_finals["step"])
+
+    # 4. checkpoints: 2 FSDP2 ranks -> one process and back, exact; the gathered full state dict
+    build, kwargs, _ = cases["adamw/fp32"]
+    init, grads, single, single_opt = recorded["adamw/fp32"]
+    uninterrupted = whole_state(single, single_opt)
+    at_save = whole_state(*single_replay(init, build, kwargs, grads[:saved_at], torch.float32))
+    root = [tempfile.mkdtemp(prefix="optimi-state-bits-") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(root)
+    root = Path(root[0])
+    try:
+        # 2 -> 1: save_checkpoint on 2 ranks; each rank then loads it alone into a plain model
+        model = sharded_net(init, torch.float32, net=WideNet)
+        opt = build(model.parameters(), state_bits=8, **kwargs)
+        replay(model, opt, grads[:saved_at])
+        path = save_checkpoint(root / "two", saved_at, model, opt)
+        fresh = WideNet()
+        fresh_opt = build(fresh.parameters(), state_bits=8, **kwargs)
+        dcp_save_or_load(fresh, fresh_opt, path, load=True, no_dist=True)
+        loaded = whole_state(fresh, fresh_opt)
+        replay(fresh, fresh_opt, grads[saved_at:])
+        results["checkpoint/2to1"] = {
+            "loaded_mismatches": mismatches(loaded, at_save),
+            "continued_mismatches": mismatches(whole_state(fresh, fresh_opt), uninterrupted),
+        }
+        # full_state_dict=True all-gathers the uint8 codes and float32 scales (gloo)
+        full = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+        results["full_state_dict/gathered_mismatches"] = mismatches(
+            {name: {k: v for k, v in entry.items()} for name, entry in full["state"].items()},
+            {name: {k: v for k, v in entry.items() if k != "param"} for name, entry in at_save.items()},
+        )
+        weights = {name: entry["param"] for name, entry in at_save.items()}
+        one = WideNet()
+        one.load_state_dict(weights)
+        one_opt = build(one.parameters(), state_bits=8, **kwargs)
+        # a copy: load_state_dict adopts the dict's tensors (torch's, too, where no cast is needed),
+        # and this optimizer steps on in place
+        one_opt.load_state_dict(copy.deepcopy(full))
+        one_loaded = whole_state(one, one_opt)
+        replay(one, one_opt, grads[saved_at:])
+        resharded = sharded_net(weights, torch.float32, net=WideNet)
+        resharded_opt = build(resharded.parameters(), state_bits=8, **kwargs)
+        set_optimizer_state_dict(resharded, resharded_opt, full, options=StateDictOptions(full_state_dict=True))
+        resharded_loaded = whole_state(resharded, resharded_opt)
+        resharded_layout = quantized_layout(resharded, resharded_opt)
+        replay(resharded, resharded_opt, grads[saved_at:])
+        results["full_state_dict"] = {
+            "one_process_loaded": mismatches(one_loaded, at_save),
+            "one_process_continued": mismatches(whole_state(one, one_opt), uninterrupted),
+            "resharded_loaded": mismatches(resharded_loaded, at_save),
+            "resharded_continued": mismatches(whole_state(resharded, resharded_opt), uninterrupted),
+            "resharded_layout": resharded_layout,
+        }
+        # 1 -> 2: rank 0 saves one process's state alone; the 2 ranks load it into FSDP2 shards
+        if dist.get_rank() == 0:
+            one, one_opt = single_replay(init, build, kwargs, grads[:saved_at], torch.float32)
+            dcp_save_or_load(one, one_opt, root / "one", load=False, no_dist=True)
+        dist.barrier()
+        model = sharded_net(fresh_init(torch.float32, WideNet), torch.float32, net=WideNet)
+        opt = build(model.parameters(), state_bits=8, **kwargs)
+        dcp_save_or_load(model, opt, root / "one", load=True, no_dist=False)
+        loaded = whole_state(model, opt)
+        layout = quantized_layout(model, opt)
+        replay(model, opt, grads[saved_at:])
+        results["checkpoint/1to2"] = {
+            "loaded_mismatches": mismatches(loaded, at_save),
+            "continued_mismatches": mismatches(whole_state(model, opt), uninterrupted),
+            "layout": layout,
+        }
+        # ... and load_checkpoint on 2 ranks reads the 2-rank checkpoint back exactly
+        model = sharded_net(fresh_init(torch.float32, WideNet), torch.float32, net=WideNet)
+        opt = build(model.parameters(), state_bits=8, **kwargs)
+        load_checkpoint(path, model, opt)
+        loaded = whole_state(model, opt)
+        replay(model, opt, grads[saved_at:])
+        results["checkpoint/2to2"] = {
+            "loaded_mismatches": mismatches(loaded, at_save),
+            "continued_mismatches": mismatches(whole_state(model, opt), uninterrupted),
+        }
+    finally:
+        dist.barrier()
+        if dist.get_rank() == 0:
+            shutil.rmtree(root, ignore_errors=True)
+    return results
+
+
 SCENARIOS = {
     "clipping": scenario_clipping,
     "low_precision": scenario_low_precision,
@@ -811,6 +1192,7 @@ SCENARIOS = {
     "ddp": scenario_ddp,
     "memory": scenario_memory,
     "fused_fallback": scenario_fused_fallback,
+    "state_bits": scenario_state_bits,
 }
 
 
