@@ -386,13 +386,20 @@ def test_state_bits_fsdp2_stableadamw_reduces_each_tensors_rms(state_bits):
         _assert_quantized_layout(entry["layout"], rank)
 
 
+#: half a batch per rank reduces the gradients in another order than one process (differences of
+#: ~1e-7 relative), and a moment that lies next to the boundary between two 8-bit codes can land on
+#: the other code: one step of the code is up to 0.7% of its block's largest moment. Measured: 1.4e-4
+#: after 4 steps (the bit-exact comparisons above replay one process's gradients instead).
+STATE_BITS_RTOL = 1e-3
+
+
 def test_state_bits_fsdp2_gradient_release_matches_one_process(state_bits):
-    """4 steps on half the batch per rank: release and step() agree with one process to the fp32
-    contract, and with each other bit for bit (the same reduce-scattered gradients)."""
+    """4 steps on half the batch per rank: release and step() agree with one process (to
+    ``STATE_BITS_RTOL``), and with each other bit for bit (the same reduce-scattered gradients)."""
     for rank, result in enumerate(state_bits):
         for mode in ("step", "release"):
             entry = result[f"fsdp_train/{mode}"]
-            assert entry["rel_err"] <= FP32_RTOL, entry
+            assert entry["rel_err"] <= STATE_BITS_RTOL, entry
             assert entry["grads_left"] == 0
             _assert_quantized_layout(entry["layout"], rank)
         assert result["fsdp_train/release_vs_step_mismatches"] == []
@@ -402,7 +409,7 @@ def test_state_bits_fsdp2_gradient_release_matches_one_process(state_bits):
 def test_state_bits_ddp_replicas_identical_and_match_one_process(state_bits, mode):
     for result in state_bits:
         entry = result[f"ddp/{mode}"]
-        assert entry["rel_err"] <= FP32_RTOL, entry
+        assert entry["rel_err"] <= STATE_BITS_RTOL, entry
         assert entry["params_identical"] and entry["state_identical"]  # weights, codes, scales: same bits
         _assert_quantized_layout(entry["layout"], 0, sharded=False)
         assert result["ddp/release_vs_step_mismatches"] == []
