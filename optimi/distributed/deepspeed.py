@@ -93,8 +93,9 @@ def prepare_config(optimizer: torch.optim.Optimizer, config: dict[str, Any]) -> 
     Raises ``ValueError`` when the combination cannot work: a ``gradient_release=True`` or
     ``optimizer_accumulation`` optimizer (DeepSpeed owns gradient reduction, accumulation and the
     step), an optimizer with whole-tensor statistics (StableAdamW) where DeepSpeed hands it flat
-    partitions, an ``optimizer`` section in ``config`` next to a client optimizer (DeepSpeed would
-    silently ignore it), or a user-set ZeRO-3 ``sub_group_size`` that splits a param group.
+    partitions, an optimizer with ``state_bits=8`` (flat partitions have no rows to lay blocks on),
+    an ``optimizer`` section in ``config`` next to a client optimizer (DeepSpeed would silently
+    ignore it), or a user-set ZeRO-3 ``sub_group_size`` that splits a param group.
     """
     config = copy.deepcopy(dict(config))
     changes: list[str] = []
@@ -112,6 +113,12 @@ def prepare_config(optimizer: torch.optim.Optimizer, config: dict[str, Any]) -> 
             f"{name} was built with gradient_release=True, but under DeepSpeed the engine owns the step: it "
             "reduces (and partitions) the gradients and then calls optimizer.step() itself. Build the "
             "optimizer with gradient_release=False; ZeRO-2/3 already avoid holding the full gradient."
+        )
+    if any(group.get("state_bits") for group in optimizer.param_groups):
+        raise ValueError(
+            f"{name} was built with state_bits=8, but under ZeRO DeepSpeed hands the optimizer flat 1-d "
+            "partitions, whose blocks cannot follow the parameters' rows (docs/state_bits.md): the state would "
+            "silently stay unquantized. Use state_bits=None with DeepSpeed, or FSDP2 for 8-bit state"
         )
     if getattr(optimizer, "optimizer_accumulation", False):
         raise ValueError(

@@ -453,6 +453,13 @@ def test_rejects_gradient_release():
         prepare_config(optimizer, _config(2))
 
 
+def test_rejects_state_bits():
+    """ZeRO hands the optimizer flat 1-d partitions: 8-bit state would silently stay unquantized."""
+    optimizer = optimi.AdamW(_model().parameters(), lr=1e-3, state_bits=8)
+    with pytest.raises(ValueError, match="state_bits=8"):
+        prepare_config(optimizer, _config(2))
+
+
 def test_rejects_optimizer_section():
     optimizer = optimi.AdamW(_model().parameters(), lr=1e-3)
     with pytest.raises(ValueError, match="'optimizer' section"):
