@@ -1,9 +1,9 @@
-"""Convergence of the small GPT in fp32, pure bf16, bf16 + Kahan summation and mixed precision.
+"""Convergence of the small GPT in fp32, pure bf16 (each low-precision mode, bf16 or 8-bit moments) and mixed precision.
 
     OMP_NUM_THREADS=1 python scripts/bench_convergence.py --steps 600 --plot docs/convergence.png
     python scripts/bench_convergence.py --steps 600 --nproc 2 -- --parallel fsdp2  # FSDP2, 2 CPU ranks
 
-Trains ``scripts/train.py``'s byte-level GPT on the standard library's source six times with the
+Trains ``scripts/train.py``'s byte-level GPT on the standard library's source once per run with the
 same seed, data order and optimizer (AdamW by default), changing only the precision:
 
 - fp32: fp32 parameters and optimizer state;
@@ -11,7 +11,11 @@ same seed, data order and optimizer (AdamW by default), changing only the precis
 - bf16 + Kahan: pure bf16 parameters and state with optimi's Kahan-compensated updates;
 - bf16 + stochastic rounding / remainder: the other ``low_precision`` modes (unbiased rounding with
   no extra memory; an exact fp32 master held as the bf16 parameter and an int16 remainder);
-- mixed: fp32 parameters and state, forward/backward under bf16 autocast.
+- mixed: fp32 parameters and state, forward/backward under bf16 autocast;
+- bf16 + Kahan / stochastic rounding / remainder + 8-bit state: the same modes with ``state_bits=8``
+  (moments as 8-bit codes with per-block scales, docs/state_bits.md);
+- with ``--torchao DIR``: torchao's ``AdamW8bit`` on the same model, pure bf16 with its stochastic
+  rounding (imported from DIR: ``pip install --no-deps --target DIR torchao``).
 
 Prints a Markdown table of the held-out loss of each run and the share of the bf16 -> fp32 gap that
 each low-precision mode closes, e.g. ``(bf16 - bf16_kahan) / (bf16 - fp32)``. With matplotlib installed
@@ -47,7 +51,20 @@ RUNS = {
     "bf16 + stochastic rounding": ["--dtype", "bf16", "--low-precision", "stochastic"],
     "bf16 + remainder (exact fp32 master)": ["--dtype", "bf16", "--low-precision", "remainder"],
     "mixed (bf16 autocast)": ["--dtype", "mixed"],
+    # 8-bit moments (state_bits=8, docs/state_bits.md) under each way of keeping small updates
+    "bf16 + Kahan + 8-bit state": ["--dtype", "bf16", "--kahan", "on", "--state-bits", "8"],
+    "bf16 + stochastic rounding + 8-bit state": [
+        "--dtype",
+        "bf16",
+        "--low-precision",
+        "stochastic",
+        "--state-bits",
+        "8",
+    ],
+    "bf16 + remainder + 8-bit state": ["--dtype", "bf16", "--low-precision", "remainder", "--state-bits", "8"],
 }
+#: with --torchao DIR: torchao's AdamW8bit on the same model, pure bf16 with its stochastic rounding
+TORCHAO_RUN = "torchao AdamW8bit (bf16, stochastic rounding)"
 
 
 def smooth(values: list[float], window: int) -> list[float]:
@@ -84,12 +101,16 @@ def main() -> None:
     parser.add_argument("--plot", default=None, help="write the loss curves to this PNG (needs matplotlib)")
     parser.add_argument("--nproc", type=int, default=1, help="ranks per run (torchrun; pass --parallel after --)")
     parser.add_argument("--runs", default=None, help="comma-separated run names to keep (default: all)")
+    parser.add_argument("--torchao", metavar="DIR", default=None, help="also run torchao's AdamW8bit from DIR")
     parser.add_argument("train_args", nargs="*", help="extra scripts/train.py flags, after --")
     args = parser.parse_args()
+    runs = dict(RUNS)
+    if args.torchao:
+        runs[TORCHAO_RUN] = ["--dtype", "bf16", "--torchao-adamw8bit", args.torchao]
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        chosen = {name: flags for name, flags in RUNS.items() if args.runs is None or name in args.runs.split(",")}
+        chosen = {name: flags for name, flags in runs.items() if args.runs is None or name in args.runs.split(",")}
         for name, flags in chosen.items():
             metrics = Path(tmp) / f"{len(results)}.jsonl"
             argv = ["--steps", str(args.steps), "--optimizer", args.optimizer, "--log-every", str(args.steps)]
@@ -110,7 +131,7 @@ def main() -> None:
     fp32, bf16 = results["fp32"]["val"], results["bf16"]["val"]
     gap = bf16 - fp32
     if gap > 0:
-        modes = ("bf16 + Kahan", "bf16 + stochastic rounding", "bf16 + remainder (exact fp32 master)")
+        modes = [name for name in results if name.startswith("bf16 +") or name == TORCHAO_RUN]
         for name in (mode for mode in modes if mode in results):
             closed = 100 * (bf16 - results[name]["val"]) / gap
             print(f"{name} closes {closed:.0f}% of the bf16 -> fp32 held-out gap ({gap:.4f})")
