@@ -189,6 +189,8 @@ def config_problem(config: TrainConfig) -> str | None:
     if config.low_precision is not None and config.kahan != "auto":
         if config.low_precision != ("kahan" if config.kahan == "on" else "nearest"):
             return f"--low-precision {config.low_precision} contradicts --kahan {config.kahan}: give one of them"
+    if config.state_bits and config.parallel == "deepspeed":
+        return "--state-bits cannot serve --parallel deepspeed: ZeRO hands the optimizer flat partitions without rows"
     if config.torchao_adamw8bit is not None:
         if config.optimizer != "adamw" or config.gradient_release or config.state_bits or config.low_precision:
             return (

@@ -238,6 +238,10 @@ def test_one_rank_checkpoint_resumes_on_fsdp2(tmp_path, one_thread):
         (["--low-precision", "remainder", "--dtype", "fp32"], "--low-precision needs bf16 parameters"),
         (["--low-precision", "stochastic", "--kahan", "on"], "--low-precision stochastic contradicts --kahan on"),
         (["--resume"], "give --checkpoint-dir"),
+        (["--torchao-adamw8bit", "x", "--gradient-release"], "--torchao-adamw8bit replaces --optimizer adamw"),
+        (["--torchao-adamw8bit", "x", "--parallel", "ddp"], "--torchao-adamw8bit runs on one process"),
+        (["--state-bits", "4"], "invalid choice: 4"),
+        (["--state-bits", "8", "--parallel", "deepspeed"], "--state-bits cannot serve --parallel deepspeed"),
         (["--batch-size", "0"], "--batch-size must be >= 1"),
     ],
 )
@@ -299,6 +303,15 @@ def test_low_precision_reaches_the_optimizer(mode):
     optimizer = train_script.build_optimizer(model.to(torch.bfloat16), config)
     assert {optimizer.low_precision_of(p, g) for g in optimizer.param_groups for p in g["params"]} == {mode}
     assert config.kahan_on == (mode == "kahan")
+
+
+def test_state_bits_reaches_the_optimizer():
+    model = train_script.GPT(train_script.GPTConfig(block_size=8, n_layer=1, n_head=2, n_embd=64))
+    optimizer = train_script.build_optimizer(model, train_script.parse_args(["--state-bits", "8"]))
+    assert {g["state_bits"] for g in optimizer.param_groups} == {8}
+    head = model.head.weight
+    optimizer.init_param_state(head, optimizer.group_of(head))
+    assert optimizer.state[head]["exp_avg"].dtype == torch.uint8
 
 
 def test_losses_reach_the_host_only_on_logging_steps(tmp_path, monkeypatch, one_thread):
