@@ -27,6 +27,7 @@ from optimi._clipping import (
     warn_skipped,
 )
 from optimi._fused import FALLBACK_BACKEND
+from optimi._fused.quantized import CODES_IN_KERNEL, codes_in_kernel
 from optimi._low_precision import (
     FLOAT32_MASTERS,
     LOW_PRECISION_MODES,
@@ -674,12 +675,22 @@ class OptimiOptimizer(Optimizer):
         ``_quantization.py``) are stepped in chunks of at most :data:`QUANTIZED_CHUNK_ELEMENTS`
         elements: their moments are dequantized into float32 temporaries, the unchanged update
         rule steps them (through :meth:`_step_with_masters`), and they are quantized back, so the
-        temporaries never exceed one chunk (or one parameter, if larger).
+        temporaries never exceed one chunk (or one parameter, if larger). The fused backend instead
+        steps the codes of whole blocks in its one pass, with the plain parameters ([Note: 8-bit
+        states in the fused kernel] in ``optimi/_fused/quantized.py``).
         """
         quantized = [i for i, state in enumerate(states) if quantized_keys(state, self._QUANTIZED_STATES)]
+        coded = None
+        if backend == "fused" and quantized:
+            coded = codes_in_kernel(params, grads, states, quantized, self._QUANTIZED_STATES)
+            quantized = [i for i in quantized if coded is None or i not in coded.rows]
         if not quantized:
             masters_kw = dict(step=step, accumulate=accumulate, backend=backend, first_indices=first_indices)
-            self._step_with_masters(group, params, grads, states, **masters_kw)
+            token = CODES_IN_KERNEL.set(coded)
+            try:
+                self._step_with_masters(group, params, grads, states, **masters_kw)
+            finally:
+                CODES_IN_KERNEL.reset(token)
             return
         plain = [i for i in range(len(params)) if i not in quantized]
         chunks = [plain] if plain else []
@@ -689,19 +700,26 @@ class OptimiOptimizer(Optimizer):
                 chunks.append([])
             chunks[-1].append(i)
         for chunk in chunks:
-            views = [_dequantized_view(states[i], self._QUANTIZED_STATES) for i in chunk]
-            self._step_with_masters(
-                group,
-                [params[i] for i in chunk],
-                [grads[i] for i in chunk],
-                views,
-                step=step,
-                accumulate=accumulate,
-                backend=backend,
-                first_indices=[first_indices[i] for i in chunk] if first_indices else None,
-            )
-            for i, view in zip(chunk, views):
-                _requantize_(states[i], view, self._QUANTIZED_STATES)
+            # the plain chunk (and the rows whose codes the fused kernel steps) keeps its states as they are
+            in_place = chunk is plain
+            views = [states[i] if in_place else _dequantized_view(states[i], self._QUANTIZED_STATES) for i in chunk]
+            token = CODES_IN_KERNEL.set(coded if in_place else None)
+            try:
+                self._step_with_masters(
+                    group,
+                    [params[i] for i in chunk],
+                    [grads[i] for i in chunk],
+                    views,
+                    step=step,
+                    accumulate=accumulate,
+                    backend=backend,
+                    first_indices=[first_indices[i] for i in chunk] if first_indices else None,
+                )
+            finally:
+                CODES_IN_KERNEL.reset(token)
+            if not in_place:
+                for i, view in zip(chunk, views):
+                    _requantize_(states[i], view, self._QUANTIZED_STATES)
 
     def _step_with_masters(
         self,

@@ -291,7 +291,9 @@ def scratch_row(columns: Sequence[Tensor | None], packed: bool, length: int = _S
     """Fresh tensors shaped and typed like a row's flat columns, with the same values on every call.
 
     Columns as long as the parameter get :data:`_SCRATCH_LENGTH` elements, others (a sum the rule
-    writes) keep their length. Values lie in [0.5, 1.5): every rule's states stay finite.
+    writes) keep their length; a 2-D column (the blocks of 8-bit states, [Note: 8-bit states in
+    the fused kernel] in ``quantized.py``) keeps its second dimension. Values lie in [0.5, 1.5):
+    every rule's states stay finite.
     """
     generator = torch.Generator().manual_seed(0)
     parameter_length = columns[0].shape[0]
@@ -304,7 +306,8 @@ def scratch_row(columns: Sequence[Tensor | None], packed: bool, length: int = _S
         if packed and column.dtype == torch.int32:
             values = (torch.rand(2 * size, generator=generator) + 0.5).to(torch.bfloat16).view(torch.int32)
         else:
-            values = (torch.rand(size, generator=generator, dtype=torch.float64) + 0.5).to(column.dtype)
+            shape = (size, *column.shape[1:])
+            values = (torch.rand(shape, generator=generator, dtype=torch.float64) + 0.5).to(column.dtype)
         row.append(values.to(column.device))
     return row
 

@@ -17,7 +17,9 @@ from optimi._fused.compilation import CompiledStep, FusedCompileError, PackedChe
 from optimi._fused.masters import through_master
 from optimi._fused.ops import SPLIT
 from optimi._fused.packing import pairs_fit
+from optimi._fused.quantized import CODES_IN_KERNEL, coded_row
 from optimi._low_precision import MasterRows, hash_offset
+from optimi._quantization import BLOCK_SIZE
 from optimi._torch_internals import TRICKS, enabled, works_but_slower
 
 __all__ = ["FALLBACK_BACKEND", "compiled_configurations", "fallen_back_configurations", "run_fused"]
@@ -67,7 +69,9 @@ def run_fused(
     arguments. Numbers (and 0-d tensors) become runtime inputs, ``bool``/``None``/``str`` are
     compile-time switches. The parameters in ``masters`` (bf16, ``"stochastic"``/``"remainder"``)
     are stepped through a float32 master built and written back in the kernel ([Note: one-pass
-    float32 masters] in ``masters.py``).
+    float32 masters] in ``masters.py``). The 8-bit states listed in :data:`CODES_IN_KERNEL` arrive
+    as codes and are dequantized and quantized back in the kernel ([Note: 8-bit states in the fused
+    kernel] in ``quantized.py``).
 
     Returns the rows (indices into ``columns``) that another backend must step, by backend: a
     strided parameter, whose memory cannot be viewed flat, goes to ``"for_loop"``; a configuration
@@ -95,17 +99,20 @@ def run_fused(
     # graph directly])
     direct_calls: list[tuple[Callable[[list], Any], list]] = []
     elsewhere: dict[str, list[int]] = {}  # backend -> rows it steps
+    coded = CODES_IN_KERNEL.get()
     for index, row in enumerate(zip(*columns.arguments())):
         param = row[0]
         if param.numel() == 0:
             continue
-        rule, master_mode = update, None
+        rule, master_mode, quantized = update, None, False
+        if coded is not None:  # the rule reads codes: it dequantizes and quantizes them itself
+            rule, row, quantized = coded_row(update, row, coded)
         master = masters.rows.get(id(param)) if masters is not None else None
         if master is not None:
             # the master's write-back travels as one more state column: the remainder, or the
             # hash offset as a per-row number (a runtime input: no recompile per step or shard)
             master_mode = masters.mode
-            rule = through_master(update, master_mode)
+            rule = through_master(rule, master_mode)
             if master_mode == "remainder":
                 written_with: Tensor | int | None = master.remainder
             else:
@@ -127,6 +134,8 @@ def run_fused(
                 dtypes.append("number")
                 number_columns.append(column)
         if not contiguous:  # a strided layout cannot be flattened to a view
+            if quantized:  # codes_in_kernel lets only contiguous tensors through
+                raise ValueError("a parameter with 8-bit states in the fused kernel needs contiguous tensors")
             elsewhere.setdefault("for_loop", []).append(index)
             continue
         if master is not None:
@@ -137,13 +146,16 @@ def run_fused(
         if failed is not None:  # compiled and failed before: never again
             if FALLBACK_BACKEND.get() is None:
                 raise _explicit_failure(failed[1])
-            elsewhere.setdefault(failed[0], []).append(index)
-            continue
+            if not quantized:  # a coded row runs its Python step below ([Note: 8-bit states in the fused kernel])
+                elsewhere.setdefault(failed[0], []).append(index)
+                continue
         packed = packable and device.type == "cpu" and config not in PACKING_FAILED
         key = (packed, *config)
         step = COMPILED.get(key)
         if step is None:
             label = label_of(update, device.type, dtypes, packed, master_mode)
+            if quantized:
+                label = f"{label[:-1]}, 8-bit states)"
             step = COMPILED[key] = make_step(rule, names, static, tuple(number_columns), device.type, packed, label)
             if packed:
                 step.plain_step = functools.partial(
@@ -156,7 +168,10 @@ def run_fused(
             scalars_tensor = packed_on.get(device)
             if scalars_tensor is None:
                 scalars_tensor = packed_on[device] = _pack_scalars(shared, device)
-        flat = _flat_row(row, packed, master is not None)
+        flat = _blocked_row(row, master is not None) if quantized else _flat_row(row, packed, master is not None)
+        if failed is not None:
+            step.python_step(scalars_tensor, *flat)
+            continue
         call = step.direct_call(scalars_tensor, flat)
         if call is not None:
             direct_calls.append(call)
@@ -171,12 +186,16 @@ def run_fused(
             if backend is None:
                 raise _explicit_failure(error) from error.__cause__
             FELL_BACK[config] = (backend, error)
+            instead = "its step uncompiled" if quantized else f"the {backend} backend"
             warnings.warn(
-                f"{error}; this configuration now runs the {backend} backend (same math, slower)",
+                f"{error}; this configuration now runs {instead} (same math, slower)",
                 RuntimeWarning,
                 stacklevel=4,
             )
-            elsewhere.setdefault(backend, []).append(index)
+            if quantized:  # the other backends' rules cannot read codes: the same step, eagerly
+                step.python_step(scalars_tensor, *flat)
+            else:
+                elsewhere.setdefault(backend, []).append(index)
     for call_graph, arguments in direct_calls:
         call_graph(arguments)
     return elsewhere
@@ -199,6 +218,29 @@ def _flat_row(row: Sequence[Any], packed: bool, parameter_bits: bool) -> list[Te
     if parameter_bits and not packed:
         flat[0] = _flat(row[0], torch.int16)
     return flat
+
+
+def _blocked_row(row: Sequence[Any], parameter_bits: bool) -> list[Tensor | None]:
+    """A row with 8-bit states as its kernel takes it ([Note: 8-bit states in the fused kernel]).
+
+    Columns as long as the parameter as ``(blocks, BLOCK_SIZE)``, columns of one value per block
+    (the scales) as ``(blocks, 1)``, others (a per-tensor sum) flat; ``parameter_bits``: the
+    parameter as its int16 bits, as in :func:`_flat_row`.
+    """
+    numel = row[0].numel()
+    blocked: list[Tensor | None] = []
+    for t in row:
+        if not isinstance(t, Tensor):
+            blocked.append(None)
+        elif t.numel() == numel:
+            blocked.append(_flat(t, None, BLOCK_SIZE))
+        elif t.numel() * BLOCK_SIZE == numel:
+            blocked.append(_flat(t, None, 1))
+        else:
+            blocked.append(_flat(t))
+    if parameter_bits:
+        blocked[0] = _flat(row[0], torch.int16, BLOCK_SIZE)
+    return blocked
 
 
 def _run_packed(step: CompiledStep, config: tuple, scalars: Tensor, row: Sequence[Any], parameter_bits: bool) -> None:
@@ -251,32 +293,41 @@ def _plain_step_of(
     return plain
 
 
-# (id of a tensor, the dtype it is viewed as) -> (weak reference to the tensor, its flat view):
-# parameters and states live across steps, and building a view costs ~3 µs, ten times a lookup
-_FLAT_VIEWS: dict[tuple[int, torch.dtype | None], tuple[weakref.ref, Tensor]] = {}
+# (id of a tensor, the dtype it is viewed as, its width) -> (weak reference to the tensor, its flat
+# view): parameters and states live across steps, and building a view costs ~3 µs, ten times a lookup
+_FLAT_VIEWS: dict[tuple[int, torch.dtype | None, int | None], tuple[weakref.ref, Tensor]] = {}
 
 
-def _flat(tensor: Tensor, as_dtype: torch.dtype | None = None) -> Tensor:
-    """A 1-D tensor over ``tensor``'s (contiguous) memory that is not a view of it.
+def _flat(tensor: Tensor, as_dtype: torch.dtype | None = None, width: int | None = None) -> Tensor:
+    """A 1-D tensor (or 2-D: ``width``) over ``tensor``'s (contiguous) memory that is not a view of it.
 
     A view would carry its base's shape into Dynamo's guards (one compile per parameter rank).
     ``as_dtype``: the memory read as another dtype. ``torch.int32`` for a bf16 tensor gives
     element pairs ``(2i, 2i + 1)`` in word ``i`` ([Note: packed bf16 columns]); ``torch.int16``
-    its bits ([Note: one-pass float32 masters] in ``masters.py``). The result is cached while
-    ``tensor`` lives and still covers the same memory (``tensor.data = ...`` or a resize moves it).
+    its bits ([Note: one-pass float32 masters] in ``masters.py``). ``width``: rows of that many
+    elements instead, a static size for Dynamo (8-bit states' blocks, [Note: 8-bit states in the
+    fused kernel] in ``quantized.py``). The result is cached while ``tensor`` lives and still
+    covers the same memory (``tensor.data = ...`` or a resize moves it).
     """
-    key = (id(tensor), as_dtype)
+    key = (id(tensor), as_dtype, width)
     cached = _FLAT_VIEWS.get(key)
     dtype = tensor.dtype if as_dtype is None else as_dtype
     # elements of ``dtype`` per element of the tensor's own: 1, or 1/2 for pairs in int32 words
     per_word = dtype.itemsize // tensor.dtype.itemsize
     length = tensor.numel() // per_word
+    if width is not None:
+        length //= width
     if cached is not None:
         owner, flat = cached
         if owner() is tensor and flat.data_ptr() == tensor.data_ptr() and flat.shape[0] == length:
             return flat
     flat = tensor.new_empty(0, dtype=dtype)
-    flat.set_(tensor.untyped_storage(), tensor.storage_offset() // per_word, (length,), (1,))
+    offset = tensor.storage_offset() // per_word
+    if width is None:
+        flat.set_(tensor.untyped_storage(), offset, (length,), (1,))
+    else:
+        flat.set_(tensor.untyped_storage(), offset, (length, width), (width, 1))
+        torch._dynamo.mark_static(flat, 1)
     _FLAT_VIEWS[key] = (weakref.ref(tensor, lambda _, key=key: _FLAT_VIEWS.pop(key, None)), flat)
     return flat
 

@@ -96,7 +96,8 @@ def through_master(update: Callable[..., None], mode: str) -> Callable[..., None
         else:
             # each element's index in the whole tensor plus the key, (i + key) mod 2**32 in int32;
             # a packed row holds elements 2j (even half) and 2j + 1 (odd half) in word j
-            index = torch.arange(param.shape[0], dtype=torch.int32, device=param.device)
+            # (a row with 8-bit states is 2-D: [Note: 8-bit states in the fused kernel] in quantized.py)
+            index = torch.arange(param.numel(), dtype=torch.int32, device=param.device).view(param.shape)
             if packed:
                 index = index * 2 + cast(PackedOps, ops).half
             param_bits = stochastic_bf16_bits(words, hash_bits16(index + written_with.to(torch.int32)))
