@@ -14,29 +14,34 @@ with its placements), DCP saves and reshards them like any state, and a shard qu
 to the same bits the whole tensor would (tests/distributed: 2 ranks equal one process bit for bit).
 
 The code. The dynamic tree code of the 8-bit optimizers paper (Dettmers et al. 2022), as that
-paper describes it: after a sign bit (first moments and other signed states; second moments,
-never negative, use the unsigned variant and spend it on precision), the number ``E`` of leading
-zero bits gives the decade ``10**-E``, the next one bit ends that count, and the remaining
-``n = 6 - E`` bits (unsigned: ``7 - E``) are a linear fraction: the value is
-``10**-E * (0.1 + 0.9 * j / 2**n)`` for ``j = 1 .. 2**n``. Values near the block's largest get
-six or seven bits of fraction, small ones fewer bits but a range down to ``1e-6`` (unsigned
-``1e-7``) of the largest. Encoding is computed, not searched: the decade from ``log10``, ``j``
-rounded to nearest in it (``j = 0`` is the top of the next decade down), so every backend computes
-the same codes with elementwise operations; decoding reads a 256-entry table.
+paper describes it: after a sign bit, the number ``E`` of leading zero bits gives the decade
+``10**-E``, the next one bit ends that count, and the remaining ``n = 6 - E`` bits are a linear
+fraction: the value is ``10**-E * (0.1 + 0.9 * j / 2**n)`` for ``j = 1 .. 2**n``. Values near the
+block's largest get six bits of fraction, small ones fewer bits but a range down to ``1e-6`` of the
+largest. Encoding is computed, not searched: the decade from ``log10``, ``j`` rounded to nearest in
+it (``j = 0`` is the top of the next decade down), so every backend computes the same codes with
+elementwise operations; decoding reads a 256-entry table.
+
+Second moments (kind ``"second"``) are stored by their square root, in the unsigned variant of the
+code (no sign bit: ``n = 7 - E``, a range down to ``1e-7``). The square root is what Adam divides
+by, and it spans the gradients' range rather than twice it, so an element whose gradients are
+``1e-6`` of its block's largest still has its own second moment; and a nonzero second moment is
+never rounded to zero (it takes the smallest value instead): read back as zero, it would let one
+step's gradient alone set the denominator, a step up to ``1 / sqrt(1 - beta2)`` times too large.
 
 Measured on the small GPT (``scripts/bench_state_codes.py``, docs/state_bits.md): against the
 AdamW moments of a float32 run, the Adam direction ``m / (sqrt(v) + eps)`` after a round trip is
-off by 1.4% (relative L2) with this code, 2.9% with float8 e4m3 (3.7% storing ``sqrt(v)``) and
-720% with a linear code, which flushes small moments to zero; and bf16 + Kahan AdamW with this
-code reached the held-out loss of bf16 moments (2.3026 vs 2.3127) where e4m3 did not (2.3282;
-2.3651 storing ``sqrt(v)``). Blocks of 256 keep the scales at 1/64 byte per element: the block
-size barely changed the error (32 to 1024 elements: 3.6% to 3.7% for e4m3).
+off by 1.5% (relative L2) with this code (1.4% storing ``v`` itself, with a range that stops at
+``3e-4`` of the largest gradient), 2.9% with float8 e4m3 and 720% with a linear code, which flushes
+small moments to zero; and bf16 + Kahan AdamW with this code reached the held-out loss of bf16
+moments (2.2833 vs 2.3127) where e4m3 did not (2.3282). Blocks of 256 keep the scales at 1/64 byte
+per element: 32-element blocks cut the direction error only from 1.4% to 1.2%.
 
-Each element's error is at most half a step of its decade: ``|x - x'| <= 0.45 * 10**-E / 2**n``
-times the block's largest magnitude, for ``x`` in decade ``E``; so below ``0.7%`` (unsigned
-``0.35%``) of the block's largest for any element, and below ``7%`` (``3.5%``) of the element
-itself down to a tenth of the largest. Elements under half the smallest value become zero. A
-block of zeros stays zero.
+Each element's error is at most half a step of its decade, ``0.45 * 10**-E / 2**n`` times the
+block's largest magnitude for ``x`` in decade ``E`` (in the last decade, where zero and ``10**-E``
+are the only values, half of ``10**-E``): so at most ``0.71%`` (unsigned ``0.36%``) of the block's
+largest for any element, and ``7.1%`` (``3.6%``) of the element itself down to a tenth of the
+largest. For second moments these bounds hold for ``sqrt(v)``. A block of zeros stays zero.
 
 The update itself never sees codes: each step dequantizes a parameter's moments into float32
 temporaries (one parameter, or a bounded chunk of parameters, at a time), runs the optimizer's
@@ -85,7 +90,7 @@ KINDS = ("signed", "second")
 
 def check_state_bits(value: Any) -> None:
     """Raise ``ValueError`` unless ``value`` is ``None`` or 8."""
-    if value is not None and (isinstance(value, bool) or value not in STATE_BITS):
+    if value is not None and (type(value) is not int or value not in STATE_BITS):
         raise ValueError(f"Invalid state_bits: {value!r} (must be None, for the parameter's dtype, or 8)")
 
 
@@ -167,9 +172,12 @@ def encode(normalized: Tensor, kind: str) -> Tensor:
     in_decade = magnitude * torch.pow(10.0, decade)
     j = torch.round((in_decade - 0.1) * steps / 0.9).clamp(max=steps)
     # j = 0 is the value 0.1 * 10**-E, the top of the next decade down; in the last decade the
-    # only value is 10**-E, and below half of it the nearest value is zero
+    # only value is 10**-E, and below half of it the nearest value is zero. A second moment is
+    # never rounded to zero unless it is zero: Adam divides by its square root, and a moment read
+    # back as zero would let this step's gradient alone set the denominator (steps up to
+    # 1 / sqrt(1 - beta2) times too large); the smallest value instead errs towards smaller steps
     smallest = decade == last
-    zero = smallest & (in_decade < 0.5)
+    zero = smallest & ((in_decade < 0.5) if bits == 7 else (magnitude == 0))
     down = (j < 1) & ~smallest
     j = torch.where(smallest, torch.ones_like(j), j)
     fraction_bits = torch.where(down, fraction_bits - 1, fraction_bits)
@@ -211,10 +219,13 @@ def quantize_(codes: Tensor, scales: Tensor, value: Tensor, kind: str) -> None:
     """Store ``value`` (any float dtype, shaped like ``codes``) as ``codes`` and ``scales`` in place.
 
     Each block's scale is its largest magnitude; each element is coded as ``x / scale`` (a block
-    of zeros divides by one and stays zero). The error bound is in [Note: 8-bit optimizer state].
+    of zeros divides by one and stays zero). A ``"second"`` moment is coded by its square root.
+    The error bound is in [Note: 8-bit optimizer state].
     """
     rows = codes.shape[0]
     x = _rows(value, rows).float()
+    if kind == "second":
+        x = x.clamp_min(0.0).sqrt()
     scales.copy_(_blockwise_max(x.abs()))
     divisor = _per_element(torch.where(scales > 0, scales, torch.ones_like(scales)), x.shape[1])
     _rows(codes, rows).copy_(encode((x / divisor).clamp_(-1.0, 1.0), kind))
@@ -225,6 +236,8 @@ def dequantize(codes: Tensor, scales: Tensor, kind: str) -> Tensor:
     rows = codes.shape[0]
     x = decode(_rows(codes, rows), kind)
     x.mul_(_per_element(scales, x.shape[1]))
+    if kind == "second":
+        x.square_()
     return x.view(codes.shape)
 
 
