@@ -240,8 +240,3 @@ def dequantize(codes: Tensor, scales: Tensor, kind: str) -> Tensor:
         x.square_()
     return x.view(codes.shape)
 
-
-# The code changed from float8 e4m3 to the dynamic tree code (see the Note above): CODE_MAX is
-# no longer used here; it is kept only so that optimi/_fused/quantized.py, which still assumes
-# e4m3, imports while it is rewritten to use encode()/decode(). To be removed.
-CODE_MAX = 448.0

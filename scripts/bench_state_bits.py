@@ -311,7 +311,9 @@ def main() -> None:
             dist.init_process_group("gloo")
         result = memory_worker(args.memory_worker, args.layers[0], args.width, args.torchao, args.fsdp)
         result["rank"] = int(os.environ.get("RANK", 0))
-        print("RESULT " + json.dumps(result), flush=True)
+        # one write per line: under torchrun both ranks share the output, and print's two writes interleave
+        sys.stdout.write(f"RESULT {json.dumps(result)}\n")
+        sys.stdout.flush()
         if args.fsdp:
             dist.barrier()
             dist.destroy_process_group()
