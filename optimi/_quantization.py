@@ -19,8 +19,8 @@ paper describes it: after a sign bit, the number ``E`` of leading zero bits give
 fraction: the value is ``10**-E * (0.1 + 0.9 * j / 2**n)`` for ``j = 1 .. 2**n``. Values near the
 block's largest get six bits of fraction, small ones fewer bits but a range down to ``1e-6`` of the
 largest. Encoding is computed, not searched: the decade from ``log10``, ``j`` rounded to nearest in
-it (``j = 0`` is the top of the next decade down), so every backend computes the same codes with
-elementwise operations; decoding reads a 256-entry table.
+it (``j = 0`` is the top of the next decade down), and decoding computes the value from the bits:
+elementwise operations only, which a compiled kernel fuses and vectorizes.
 
 Second moments (kind ``"second"``) are stored by their square root, in the unsigned variant of the
 code (no sign bit: ``n = 7 - E``, a range down to ``1e-7``). The square root is what Adam divides
@@ -52,7 +52,6 @@ negligible share of the memory) keep their state in the parameter's dtype.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -134,42 +133,45 @@ def _magnitude_bits(kind: str) -> int:
     return 8 if kind == "second" else 7
 
 
-@functools.cache
-def _code_values(kind: str) -> tuple[float, ...]:
-    bits = _magnitude_bits(kind)
-    values = []
-    for code in range(256):
-        magnitude = code & ((1 << bits) - 1)
-        if magnitude == 0:
-            values.append(0.0)
-            continue
-        leading = bits - magnitude.bit_length()  # E: the decade
-        fraction_bits = bits - 1 - leading
-        j = (magnitude & ((1 << fraction_bits) - 1)) + 1
-        value = 10.0**-leading * (0.1 + 0.9 * j / 2**fraction_bits)
-        values.append(-value if bits == 7 and code & 0x80 else value)
-    return tuple(values)
-
-
 def code_values(kind: str, device: torch.device | str = "cpu") -> Tensor:
     """The 256 values (float32) that the codes of ``kind`` stand for, indexed by code."""
-    return torch.tensor(_code_values(kind), dtype=torch.float32, device=device)
+    return _value_of_bits(torch.arange(256, device=device).to(torch.uint8), kind)
+
+
+#: ``code_values`` per (kind, device): eager decoding is one lookup in them
+_VALUE_TABLES: dict[tuple[str, torch.device], Tensor] = {}
+
+
+def _decade_powers(decade: Tensor, bits: int, base: float) -> Tensor:
+    """``base ** decade`` for the integer-valued float ``decade`` in ``[0, bits - 1]``, exactly."""
+    power = torch.ones_like(decade)
+    for k in range(1, bits):
+        power = torch.where(decade == k, base**k, power)
+    return power
 
 
 def encode(normalized: Tensor, kind: str) -> Tensor:
     """The codes (uint8) of ``normalized`` (float32 in ``[-1, 1]``): each the nearest value of the code.
 
-    Elementwise operations only, so that compiled kernels can inline it; see [Note: 8-bit
-    optimizer state] for the layout of the bits.
+    Elementwise operations only; see [Note: 8-bit optimizer state] for the layout of the bits.
+    The decade ``E`` (``|x|`` in ``(10**-(E+1), 10**-E]``) is found with ``log10`` in eager mode
+    (fewer passes over memory) and by comparisons with the powers of ten in a compiled kernel
+    (cheaper per element); both give the nearest value's code, so they differ at most where
+    ``|x|`` is within float32 rounding of the midpoint between two values.
     """
     bits = _magnitude_bits(kind)
     last = float(bits - 1)  # the smallest decade
     magnitude = normalized.abs()
-    # the decade E with magnitude in (10**-(E+1), 10**-E]; 0 -> the smallest decade
-    decade = torch.floor(-torch.log10(magnitude)).clamp(0.0, last)
-    fraction_bits = (bits - 1) - decade
-    steps = torch.exp2(fraction_bits)
-    in_decade = magnitude * torch.pow(10.0, decade)
+    if torch.compiler.is_compiling():
+        decade = torch.zeros_like(magnitude)
+        for k in range(1, bits):
+            decade = decade + (magnitude <= 10.0**-k).to(magnitude.dtype)
+        steps = _decade_powers(decade, bits, 0.5) * 2.0 ** (bits - 1)  # 2**n, n = bits - 1 - E
+        in_decade = magnitude * _decade_powers(decade, bits, 10.0)
+    else:
+        decade = torch.floor(-torch.log10(magnitude)).clamp(0.0, last)  # 0 -> the smallest decade
+        steps = torch.exp2((bits - 1) - decade)
+        in_decade = magnitude * torch.pow(10.0, decade)
     j = torch.round((in_decade - 0.1) * steps / 0.9).clamp(max=steps)
     # j = 0 is the value 0.1 * 10**-E, the top of the next decade down; in the last decade the
     # only value is 10**-E, and below half of it the nearest value is zero. A second moment is
@@ -180,9 +182,9 @@ def encode(normalized: Tensor, kind: str) -> Tensor:
     zero = smallest & ((in_decade < 0.5) if bits == 7 else (magnitude == 0))
     down = (j < 1) & ~smallest
     j = torch.where(smallest, torch.ones_like(j), j)
-    fraction_bits = torch.where(down, fraction_bits - 1, fraction_bits)
-    j = torch.where(down, torch.exp2(fraction_bits), j)
-    code = torch.exp2(fraction_bits) + j - 1  # the ending one bit, then j - 1 in the fraction bits
+    steps = torch.where(down, steps * 0.5, steps)
+    j = torch.where(down, steps, j)
+    code = steps + j - 1  # the ending one bit at 2**n, then j - 1 in the n fraction bits
     code = torch.where(zero, torch.zeros_like(code), code)
     if bits == 7:
         code = code + torch.where(normalized < 0, 128.0, 0.0)
@@ -190,8 +192,35 @@ def encode(normalized: Tensor, kind: str) -> Tensor:
 
 
 def decode(codes: Tensor, kind: str) -> Tensor:
-    """The values (float32) that ``codes`` stand for: a lookup in :func:`code_values`."""
-    return code_values(kind, codes.device)[codes.long()]
+    """The values (float32) that ``codes`` stand for.
+
+    Eagerly one lookup in the 256 values of :func:`code_values`; in a compiled kernel computed
+    from the bits, which vectorizes where a gather from the table ran at half the speed. The table
+    is that same computation applied to every code, so both give the same bits.
+    """
+    if torch.compiler.is_compiling():
+        return _value_of_bits(codes, kind)
+    table = _VALUE_TABLES.get((kind, codes.device))
+    if table is None:
+        table = _VALUE_TABLES[(kind, codes.device)] = code_values(kind, codes.device)
+    return table[codes.long()]
+
+
+def _value_of_bits(codes: Tensor, kind: str) -> Tensor:
+    """The values of ``codes`` from their bits: sign, decade (leading zeros), fraction."""
+    bits = _magnitude_bits(kind)
+    code = codes.to(torch.int32)
+    magnitude = code & ((1 << bits) - 1)
+    decade = torch.zeros_like(magnitude)  # E: the leading zeros of the magnitude bits
+    for k in range(1, bits):
+        decade = decade + (magnitude < (1 << (bits - k))).to(torch.int32)
+    steps = (torch.ones_like(magnitude) << ((bits - 1) - decade)).float()  # 2**n
+    j = magnitude.float() - steps + 1
+    value = _decade_powers(decade.float(), bits, 0.1) * (0.1 + 0.9 * j / steps)
+    value = torch.where(magnitude == 0, 0.0, value)
+    if bits == 7:
+        value = torch.where(code >= 128, -value, value)
+    return value
 
 
 def _rows(tensor: Tensor, rows: int) -> Tensor:
@@ -239,4 +268,3 @@ def dequantize(codes: Tensor, scales: Tensor, kind: str) -> Tensor:
     if kind == "second":
         x.square_()
     return x.view(codes.shape)
-

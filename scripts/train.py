@@ -187,7 +187,7 @@ def train(config: TrainConfig, runtime: Runtime, training: Training, start: int)
             starts = training.train_data.starts(micro_global, training.data_order)
             starts = starts[runtime.rank * local : (runtime.rank + 1) * local]
             batches.append(tuple(t.to(runtime.device) for t in training.train_data.batch(starts)))
-        lr = training.optimizer.param_groups[0]["lr"]
+        lr = float(training.optimizer.param_groups[0]["lr"])  # torchao keeps a tensor there
         training.model.train()
         if config.parallel == "deepspeed":
             loss = deepspeed_engine.train_step(training.model, batches)  # steps optimizer and scheduler too
