@@ -1,4 +1,4 @@
-"""Memory per parameter and peak RSS: fp32 AdamW vs mixed precision vs bf16 + Kahan (+ gradient release).
+"""Memory per parameter and peak RSS: fp32 AdamW vs mixed precision vs bf16 + Kahan (+ gradient release, 8-bit state).
 
 Command lines (CPU, no GPU needed; each setup runs in its own fresh process so peak RSS is its own):
 
@@ -56,6 +56,10 @@ class Setup:
     mixed_precision: bool = False
     #: gradient release (optimizer steps in backward, gradients freed at once)
     release: bool = False
+    #: the optimizer's low_precision mode (None: Kahan for bf16)
+    low_precision: str | None = None
+    #: the optimizer's state_bits (8: moments as 8-bit codes, docs/state_bits.md)
+    state_bits: int | None = None
 
 
 SETUPS = {
@@ -63,6 +67,14 @@ SETUPS = {
     "mixed_precision": Setup("mixed precision (fp32 params, bf16 compute)", "float32", mixed_precision=True),
     "bf16_kahan": Setup("bf16 + Kahan", "bfloat16"),
     "bf16_kahan_release": Setup("bf16 + Kahan + gradient release", "bfloat16", release=True),
+    "bf16_kahan_8bit": Setup("bf16 + Kahan + 8-bit state", "bfloat16", state_bits=8),
+    "bf16_stochastic_8bit_release": Setup(
+        "bf16 + stochastic rounding + 8-bit state + gradient release",
+        "bfloat16",
+        release=True,
+        low_precision="stochastic",
+        state_bits=8,
+    ),
 }
 
 
@@ -141,7 +153,13 @@ def worker(setup_key: str, parallel: str) -> None:
             for param in model.parameters():  # values do not matter for memory, only finiteness
                 param.normal_(0.0, 0.02)
     track_gradient_peak(model)
-    opt = optimi.AdamW(model.parameters(), lr=1e-4, gradient_release=setup.release)
+    opt = optimi.AdamW(
+        model.parameters(),
+        lr=1e-4,
+        gradient_release=setup.release,
+        low_precision=setup.low_precision,
+        state_bits=setup.state_bits,
+    )
     if setup.release:
         # the sampling hooks of track_gradient_peak run first and see each gradient before release frees it
         optimi.prepare_for_gradient_release(model, opt, ignore_existing_hooks=True)

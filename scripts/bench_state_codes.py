@@ -10,7 +10,8 @@ in float32, takes its moments ``m`` and ``v``, and stores them with each candida
 - ``dynamic (optimi)``: optimi's code, the dynamic tree code of the 8-bit Adam paper (Dettmers et
   al. 2022; ``optimi/_quantization.py``): a sign bit, then ``E`` zero bits giving the decade
   ``10**-E``, a one bit, and the remaining bits a linear fraction in ``(0.1, 1]``; second moments
-  use the unsigned variant (no sign bit, one more fraction bit);
+  use the unsigned variant (no sign bit, one more fraction bit) on ``sqrt(v)``;
+- ``dynamic, v itself``: the same code storing ``v`` rather than ``sqrt(v)`` (half the range);
 - ``e4m3, v``: float8 e4m3 of ``x / (blockmax / 448)``, one cast per element;
 - ``e4m3, sqrt v``: the same, second moments stored as ``sqrt(v)`` (twice the range, half the precision);
 - ``linear``: ``round(127 x / blockmax)`` (signed) and ``round(255 v / blockmax)`` (second moments).
@@ -105,8 +106,22 @@ def by_kind(signed: tuple[Callable, Callable], second: tuple[Callable, Callable]
     return quantize_, dequantize
 
 
+def dynamic_of_v() -> tuple[Callable, Callable]:
+    """optimi's code with second moments stored as they are (its square root of ``v**2``)."""
+
+    def quantize_(codes: Tensor, scales: Tensor, value: Tensor, kind: str) -> None:
+        q.quantize_(codes, scales, value.float().square() if kind == "second" else value, kind)
+
+    def dequantize(codes: Tensor, scales: Tensor, kind: str) -> Tensor:
+        x = q.dequantize(codes, scales, kind)
+        return x.sqrt() if kind == "second" else x
+
+    return quantize_, dequantize
+
+
 CODES: dict[str, tuple[Callable, Callable]] = {
     "dynamic (optimi)": (q.quantize_, q.dequantize),
+    "dynamic, v itself": dynamic_of_v(),
     "e4m3, v": e4m3_code(sqrt_second=False),
     "e4m3, sqrt v": e4m3_code(sqrt_second=True),
     "linear": by_kind(linear_code(signed=True), linear_code(signed=False)),
