@@ -9,6 +9,7 @@ gradient release, accumulation, resuming and the memory report against their exa
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 
@@ -718,6 +719,31 @@ def test_a_resumed_run_continues_bit_identically(dtype, mode):
     for a, b in zip(resumed.parameters(), straight.parameters()):
         assert torch.equal(resumed_opt.master_param(a), straight_opt.master_param(b))
     assert not torch.equal(next(straight.parameters()), next(make_mlp(dtype).parameters()))
+
+
+@pytest.mark.parametrize("saved_bits, loading_bits", [(8, None), (None, 8)])
+def test_a_loaded_checkpoint_keeps_its_state_format(saved_bits, loading_bits):
+    """``state_bits`` decides the format when a parameter's state is created; loaded state keeps
+    the saved format (codes stay codes, and step on; float moments stay float), and the loaded
+    optimizer steps exactly as the saving one would have."""
+    saved_model = make_mlp(torch.float32)
+    saved = optimi.AdamW(saved_model.parameters(), lr=1e-3, state_bits=saved_bits)
+    for step in range(2):
+        mlp_loss(saved_model, step).backward()
+        saved.step()
+        saved.zero_grad()
+    model = make_mlp(torch.float32)
+    model.load_state_dict(saved_model.state_dict())
+    loaded = optimi.AdamW(model.parameters(), lr=1e-3, state_bits=loading_bits)
+    # a deep copy: load_state_dict keeps the tensors it is given, as torch.optim's does
+    loaded.load_state_dict(copy.deepcopy(saved.state_dict()))
+    for optimizer, net in ((saved, saved_model), (loaded, model)):
+        mlp_loss(net, 2).backward()
+        optimizer.step()
+    dtypes = {s["exp_avg"].dtype for s in loaded.state.values()}
+    assert torch.uint8 in dtypes if saved_bits == 8 else dtypes == {torch.float32}
+    for a, b in zip(model.parameters(), saved_model.parameters()):
+        assert torch.equal(a, b)
 
 
 # -- memory accounting --------------------------------------------------------------------------------
