@@ -41,7 +41,9 @@ Each element's error is at most half a step of its decade, ``0.45 * 10**-E / 2**
 block's largest magnitude for ``x`` in decade ``E`` (in the last decade, where zero and ``10**-E``
 are the only values, half of ``10**-E``): so at most ``0.71%`` (unsigned ``0.36%``) of the block's
 largest for any element, and ``7.1%`` (``3.6%``) of the element itself down to a tenth of the
-largest. For second moments these bounds hold for ``sqrt(v)``. A block of zeros stays zero.
+largest. For second moments these bounds hold for ``sqrt(v)``, except in the last decade, where a
+nonzero one below half the smallest value takes that value (an error up to it). A block of zeros
+stays zero.
 
 The update itself never sees codes: each step dequantizes a parameter's moments into float32
 temporaries (one parameter, or a bounded chunk of parameters, at a time), runs the optimizer's
