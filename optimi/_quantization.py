@@ -84,9 +84,6 @@ STATE_BITS = (None, 8)
 BLOCK_SIZE = 256
 #: parameters with fewer elements keep unquantized state
 MIN_QUANTIZED_NUMEL = 4096
-#: how each kind of state is coded: ``"signed"`` values with the signed code, ``"second"``
-#: moments (never negative) with the unsigned one
-KINDS = ("signed", "second")
 
 
 def check_state_bits(value: Any) -> None:
@@ -131,7 +128,8 @@ def quantized_keys(state: dict[str, Any], kinds: dict[str, str]) -> list[str]:
 
 
 def _magnitude_bits(kind: str) -> int:
-    """Bits after the sign: 7 for the signed code, all 8 for the unsigned one."""
+    """Bits after the sign: 7 for the signed code (kind ``"signed"``: first moments and other
+    signed states), all 8 for the unsigned one (kind ``"second"``: second moments)."""
     return 8 if kind == "second" else 7
 
 

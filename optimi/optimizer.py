@@ -90,8 +90,8 @@ SHARED_ARGS_DOC = """\
             measures and guards without clipping; ``None`` switches all three off. One value for
             the whole optimizer (default: None).
         state_bits: ``8`` stores each moment as 8-bit codes with one float32 scale per block of
-            256 elements of a row (``float8 e4m3``; second moments by their square root), about
-            a quarter of fp32 state; tensors with under 4096 elements or one dimension keep
+            256 elements of a row (the dynamic tree code; second moments by their square root),
+            about a quarter of fp32 state; tensors with under 4096 elements or one dimension keep
             theirs. ``None`` keeps moments in the parameter's dtype (default: None). See
             docs/state_bits.md.
 """
@@ -680,18 +680,22 @@ class OptimiOptimizer(Optimizer):
         states in the fused kernel] in ``optimi/_fused/quantized.py``).
         """
         quantized = [i for i, state in enumerate(states) if quantized_keys(state, self._QUANTIZED_STATES)]
+        if not quantized:  # no 8-bit state: straight on (gradient release calls this once per parameter)
+            self._step_with_masters(
+                group,
+                params,
+                grads,
+                states,
+                step=step,
+                accumulate=accumulate,
+                backend=backend,
+                first_indices=first_indices,
+            )
+            return
         coded = None
-        if backend == "fused" and quantized:
+        if backend == "fused":
             coded = codes_in_kernel(params, grads, states, quantized, self._QUANTIZED_STATES)
             quantized = [i for i in quantized if coded is None or i not in coded.rows]
-        if not quantized:
-            masters_kw = dict(step=step, accumulate=accumulate, backend=backend, first_indices=first_indices)
-            token = CODES_IN_KERNEL.set(coded)
-            try:
-                self._step_with_masters(group, params, grads, states, **masters_kw)
-            finally:
-                CODES_IN_KERNEL.reset(token)
-            return
         plain = [i for i in range(len(params)) if i not in quantized]
         chunks = [plain] if plain else []
         for i in quantized:
@@ -918,7 +922,7 @@ def _keeps_its_bits(entry: dict[str, Any], key: str) -> bool:
         return False
     if key == "remainder":
         return value.dtype == torch.int16
-    return value.dtype == torch.uint8 or (key.endswith("_scales") and key[: -len("_scales")] in entry)
+    return value.dtype == torch.uint8 or any(scale_key(other) == key for other in entry)
 
 
 def _remainder_as_bits(entry: dict[str, Any]) -> dict[str, Any]:

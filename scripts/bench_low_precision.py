@@ -147,8 +147,14 @@ def heavyball_adamw(directory: str, storage_dtype: str, param_ecc: bool = True) 
 
 
 def state_nbytes(state: Any) -> int:
-    """Bytes of every tensor in an optimizer state, walking nested dicts, lists and tuples."""
+    """Bytes of every tensor in an optimizer state, walking nested dicts, lists and tuples.
+
+    torchao's 8-bit state tensors (a subclass whose ``nbytes`` is that of its logical dtype) count
+    the codes and scales they hold.
+    """
     if torch.is_tensor(state):
+        if hasattr(state, "codes") and hasattr(state, "scale"):  # torchao's OptimState8bit
+            return state.codes.nbytes + state.scale.nbytes
         return state.nbytes
     if isinstance(state, dict):
         return sum(state_nbytes(value) for value in state.values())

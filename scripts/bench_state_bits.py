@@ -46,13 +46,19 @@ import torch
 
 SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
-from bench_low_precision import current_rss, load_peer, peak_rss, peer_version, reset_peak_rss  # noqa: E402
+from bench_low_precision import (  # noqa: E402
+    HYPER,
+    current_rss,
+    load_peer,
+    peak_rss,
+    peer_version,
+    reset_peak_rss,
+    state_nbytes,
+)
 from bench_memory import MMAP_THRESHOLD  # noqa: E402
 from bench_step import Implementation, machine_description, refresh_grads, time_steps  # noqa: E402
 
 import optimi  # noqa: E402
-
-HYPER = dict(lr=1e-3, betas=(0.9, 0.99), eps=1e-6, weight_decay=1e-2)
 
 
 def torchao_adamw8bit(directory: str) -> tuple[str, Any]:
@@ -63,19 +69,6 @@ def torchao_adamw8bit(directory: str) -> tuple[str, Any]:
     return f"torchao {version} AdamW8bit(bf16_stochastic_round=True)", functools.partial(
         cls, **HYPER, bf16_stochastic_round=True
     )
-
-
-def state_nbytes(state: Any) -> int:
-    """Bytes of every tensor in an optimizer state; torchao's 8-bit tensors count their codes and scales."""
-    if torch.is_tensor(state):
-        if hasattr(state, "codes") and hasattr(state, "scale"):  # torchao's OptimState8bit
-            return state.codes.nbytes + state.scale.nbytes
-        return state.nbytes
-    if isinstance(state, dict):
-        return sum(state_nbytes(value) for value in state.values())
-    if isinstance(state, (list, tuple)):
-        return sum(state_nbytes(value) for value in state)
-    return 0
 
 
 # -- step -------------------------------------------------------------------------------------------
@@ -218,11 +211,7 @@ def memory_worker(key: str, layers: int, width: int, torchao: str | None, fsdp: 
         reset_peak_rss()
     base = current_rss()
     model, optimizer = train_one_step(setup, layers, width, torchao, fsdp)
-    rank = memory_report(model, optimizer).ranks[0] if not fsdp else None
-    if fsdp:
-        import torch.distributed as dist
-
-        rank = memory_report(model, optimizer).ranks[dist.get_rank()]
+    rank = memory_report(model, optimizer).ranks[int(os.environ.get("RANK", 0))]
     local_params = rank.param_numel
     state_walk = state_nbytes(optimizer.state)
     return {

@@ -267,36 +267,46 @@ def sgd_accumulation_reference(p: Tensor, index: int, micro_steps: int, *, lr, m
     return p
 
 
+#: name -> (optimizer builder taking extra options, its float64 rule); test_state_bits reuses them
 ACCUMULATION_REFERENCES = {
     "adamw": (
-        lambda params: optimi.AdamW(
-            params, lr=1e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=1e-2, gradient_release=True
+        lambda params, **options: optimi.AdamW(
+            params, lr=1e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=1e-2, gradient_release=True, **options
         ),
         lambda p, i, n: adamw_accumulation_reference(p, i, n, lr=1e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=1e-2),
     ),
     "sgd-momentum": (
-        lambda params: optimi.SGD(
-            params, lr=1e-2, momentum=0.9, weight_decay=1e-2, decouple_wd=True, gradient_release=True
+        lambda params, **options: optimi.SGD(
+            params, lr=1e-2, momentum=0.9, weight_decay=1e-2, decouple_wd=True, gradient_release=True, **options
         ),
         lambda p, i, n: sgd_accumulation_reference(p, i, n, lr=1e-2, momentum=0.9, weight_decay=1e-2),
     ),
 }
 
 
-@pytest.mark.parametrize("name", list(ACCUMULATION_REFERENCES))
-def test_accumulation_matches_float64_reference(name):
-    """Optimizer accumulation over 4 micro-batches follows the float64 rule written out above."""
+def accumulate_under_release(
+    name: str, shapes: list[tuple[int, ...]], **options
+) -> tuple[Quadratic, optimi.OptimiOptimizer, list[Tensor], list[Tensor]]:
+    """3 optimizer steps of 4 accumulated micro-batches each, under gradient release, with optimizer
+    ``name`` of :data:`ACCUMULATION_REFERENCES` (built with ``options``); returns the model, the
+    optimizer, the initial weights (float64) and what the float64 rule gives for them."""
     make_optimizer, reference = ACCUMULATION_REFERENCES[name]
-    model = Quadratic(QUADRATIC_SHAPES)
+    model = Quadratic(shapes)
     initial = [w.detach().double() for w in model.weights]
-    optimizer = make_optimizer(model.parameters())
+    optimizer = make_optimizer(model.parameters(), **options)
     prepare_for_gradient_release(model, optimizer)
     micro_steps = 3 * ACCUMULATION_STEPS
     for step in range(micro_steps):
         optimizer.optimizer_accumulation = (step + 1) % ACCUMULATION_STEPS != 0
         model(step).backward()
     remove_gradient_release(model)
-    expected = [reference(p, i, micro_steps) for i, p in enumerate(initial)]
+    return model, optimizer, initial, [reference(p, i, micro_steps) for i, p in enumerate(initial)]
+
+
+@pytest.mark.parametrize("name", list(ACCUMULATION_REFERENCES))
+def test_accumulation_matches_float64_reference(name):
+    """Optimizer accumulation over 4 micro-batches follows the float64 rule written out above."""
+    model, _, initial, expected = accumulate_under_release(name, QUADRATIC_SHAPES)
     error = max_relative_error(list(model.weights), expected)
     assert error <= 1e-6, f"{name}: relative error {error:.2e}"
     assert max_relative_error(expected, initial) > 1e-3

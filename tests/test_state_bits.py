@@ -22,12 +22,7 @@ import optimi.optimizer
 from optimi._quantization import dequantize, quantize_
 from optimi.distributed import memory_report
 from tests.cases import OPTIMIZERS, max_relative_error
-from tests.test_gradient_release import (
-    ACCUMULATION_STEPS,
-    Quadratic,
-    adamw_accumulation_reference,
-    sgd_accumulation_reference,
-)
+from tests.test_gradient_release import ACCUMULATION_REFERENCES, ACCUMULATION_STEPS, accumulate_under_release
 
 SPECS = {spec.name: spec for spec in OPTIMIZERS}
 BACKENDS = {
@@ -597,20 +592,6 @@ def test_release_accumulation_with_8bit_state_equals_step_accumulation(name):
 
 #: (optimizer, float64 rule) from tests/test_gradient_release.py, with 8-bit state; the shapes are
 #: large enough to be quantized (the second has ragged rows), and a small exact one
-ACCUMULATION_REFERENCES = {
-    "adamw": (
-        lambda params: optimi.AdamW(
-            params, lr=1e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=1e-2, gradient_release=True, state_bits=8
-        ),
-        lambda p, i, n: adamw_accumulation_reference(p, i, n, lr=1e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=1e-2),
-    ),
-    "sgd-momentum": (
-        lambda params: optimi.SGD(
-            params, lr=1e-2, momentum=0.9, weight_decay=1e-2, decouple_wd=True, gradient_release=True, state_bits=8
-        ),
-        lambda p, i, n: sgd_accumulation_reference(p, i, n, lr=1e-2, momentum=0.9, weight_decay=1e-2),
-    ),
-}
 ACCUMULATION_SHAPES = [(64, 96), (16, 300), (5, 3, 2)]
 #: the float64 rule keeps exact moments. Measured max |w - reference| / max |reference| after 12
 #: micro-steps (3 updates): adamw 2.6e-4, sgd-momentum 1.3e-3 with 8-bit state (1.9e-7 and 1.6e-7
@@ -621,22 +602,12 @@ ACCUMULATION_TOLERANCE = {"adamw": 7e-4, "sgd-momentum": 3.3e-3}
 @pytest.mark.parametrize("name", list(ACCUMULATION_REFERENCES))
 def test_release_accumulation_with_8bit_state_follows_the_float64_rule(name):
     """Accumulation over 4 micro-batches under release, 8-bit moments, against the float64 rule."""
-    make_optimizer, reference = ACCUMULATION_REFERENCES[name]
-    model = Quadratic(ACCUMULATION_SHAPES)
-    initial = [w.detach().double() for w in model.weights]
-    optimizer = make_optimizer(model.parameters())
-    optimi.prepare_for_gradient_release(model, optimizer)
-    micro_steps = 3 * ACCUMULATION_STEPS
-    for step in range(micro_steps):
-        optimizer.optimizer_accumulation = (step + 1) % ACCUMULATION_STEPS != 0
-        model(step).backward()
-    optimi.remove_gradient_release(model)
+    model, optimizer, initial, expected = accumulate_under_release(name, ACCUMULATION_SHAPES, state_bits=8)
     assert [optimizer.state[w]["exp_avg" if name == "adamw" else "momentum_buffer"].dtype for w in model.weights] == [
         torch.uint8,
         torch.uint8,
         torch.float32,
     ]
-    expected = [reference(p, i, micro_steps) for i, p in enumerate(initial)]
     error = max_relative_error(list(model.weights), expected)
     assert error <= ACCUMULATION_TOLERANCE[name], f"{name}: relative error {error:.2e}"
     # weights that never moved would be more than 5 tolerances away

@@ -128,16 +128,15 @@ def _wrap_like(local_tensor: Tensor, param: DTensor) -> DTensor:
     )
 
 
-def rows_like(param: Tensor, columns: int, dtype: torch.dtype) -> Tensor:
+def rows_like(param: DTensor, columns: int, dtype: torch.dtype) -> DTensor:
     """Zeros of shape ``(param.shape[0], columns)``, sharded by rows exactly like ``param``.
 
     For per-row block scales ([Note: 8-bit optimizer state] in ``optimi/_quantization.py``): a
     ``Shard(0)`` DTensor splits rows the same way whatever its other dimensions, so each rank's
     scales belong to the rows of its parameter shard. Other placements than ``Shard(0)`` and
-    ``Replicate`` are refused.
+    ``Replicate`` are refused. (Plain parameters never come here: the single-process path makes
+    their scales itself.)
     """
-    if not isinstance(param, DTensor):
-        return torch.zeros(param.shape[0], columns, dtype=dtype, device=param.device)
     for placement in param.placements:
         if placement.is_shard() and placement.dim != 0:
             raise NotImplementedError(

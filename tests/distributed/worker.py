@@ -1038,68 +1038,53 @@ def scenario_state_bits() -> dict[str, Any]:
         if label == "adamw/fp32":
             # 5. the memory report counts this rank's codes and scales
             report = memory_report(model, opt)
+
+            def local_bytes(optimizer: Any, codes_and_scales_only: bool = False) -> int:
+                """This rank's bytes of state tensors (DTensors: the local shard)."""
+                return sum(
+                    local_nbytes(v)
+                    for s in optimizer.state.values()
+                    for k, v in s.items()
+                    if isinstance(v, Tensor)
+                    and (not codes_and_scales_only or v.dtype == torch.uint8 or k.endswith("_scales"))
+                )
+
             results["memory"] = {
                 "report_states_per_rank": [r.optimizer_states for r in report.ranks],
-                "local_state_bytes": sum(
-                    local_nbytes(v) for s in opt.state.values() for v in s.values() if isinstance(v, Tensor)
-                ),
-                "local_code_and_scale_bytes": sum(
-                    local_nbytes(v)
-                    for s in opt.state.values()
-                    for k, v in s.items()
-                    if isinstance(v, Tensor) and (v.dtype == torch.uint8 or k.endswith("_scales"))
-                ),
+                "local_state_bytes": local_bytes(opt),
+                "local_code_and_scale_bytes": local_bytes(opt, codes_and_scales_only=True),
                 "single_state_bytes": state_bytes(single_opt),
-                "single_code_and_scale_bytes": sum(
-                    v.numel() * v.element_size()
-                    for s in single_opt.state.values()
-                    for k, v in s.items()
-                    if isinstance(v, Tensor) and (v.dtype == torch.uint8 or k.endswith("_scales"))
-                ),
+                "single_code_and_scale_bytes": local_bytes(single_opt, codes_and_scales_only=True),
             }
 
-    # 2. FSDP2 + gradient release on half the batch per rank, against one process and FSDP2 step()
+    # 2. FSDP2 and DDP, step() and gradient release, on half the batch per rank: against one process,
+    #    release against step(); DDP replicas bit-identical (weights and every state)
     adamw = OptCase("adamw", optimi.AdamW, dict(adamw_kwargs, state_bits=8))
     data = make_data(steps, 1, torch.float32)
     init = fresh_init(torch.float32, WideNet)
     reference, _ = reference_params(init, adamw, data, torch.float32, net=WideNet)
-    finals = {}
-    for mode in ("step", "release"):
-        model = sharded_net(init, torch.float32, net=WideNet)
-        release = mode == "release"
-        opt = adamw.build(model.parameters(), gradient_release=release, **adamw.kwargs)
-        if release:
-            prepare_for_gradient_release(model, opt)
-        train(model, opt, data, rows=rows, release=release)
-        finals[mode] = whole_state(model, opt)
-        results[f"fsdp_train/{mode}"] = {
-            "rel_err": rel_err({n: e["param"] for n, e in finals[mode].items()}, reference),
-            "grads_left": sum(p.grad is not None for p in model.parameters()),
-            "layout": quantized_layout(model, opt),
-        }
-        if release:
-            remove_gradient_release(model)
-    results["fsdp_train/release_vs_step_mismatches"] = mismatches(finals["release"], finals["step"])
-
-    # 3. DDP, step and release: replicas bit-identical (weights and every state), near one process
-    ddp_finals = {}
-    for mode in ("step", "release"):
-        model = ddp_net(init, torch.float32, net=WideNet)
-        release = mode == "release"
-        opt = adamw.build(model.parameters(), gradient_release=release, **adamw.kwargs)
-        if release:
-            prepare_for_gradient_release(model, opt)
-        train(model, opt, data, rows=rows, release=release)
-        ddp_finals[mode] = whole_state(model, opt)
-        results[f"ddp/{mode}"] = {
-            "rel_err": rel_err({n: e["param"] for n, e in ddp_finals[mode].items()}, reference),
-            "params_identical": replicas_identical(model),
-            "state_identical": codes_identical_across_ranks(opt),
-            "layout": quantized_layout(model.module, opt),
-        }
-        if release:
-            remove_gradient_release(model)
-    results["ddp/release_vs_step_mismatches"] = mismatches(ddp_finals["release"], ddp_finals["step"])
+    for kind, wrap in (("fsdp_train", sharded_net), ("ddp", ddp_net)):
+        finals = {}
+        for mode in ("step", "release"):
+            model = wrap(init, torch.float32, net=WideNet)
+            release = mode == "release"
+            opt = adamw.build(model.parameters(), gradient_release=release, **adamw.kwargs)
+            if release:
+                prepare_for_gradient_release(model, opt)
+            train(model, opt, data, rows=rows, release=release)
+            finals[mode] = whole_state(model, opt)
+            entry = {"rel_err": rel_err({n: e["param"] for n, e in finals[mode].items()}, reference)}
+            if kind == "ddp":
+                entry["params_identical"] = replicas_identical(model)
+                entry["state_identical"] = codes_identical_across_ranks(opt)
+                entry["layout"] = quantized_layout(model.module, opt)
+            else:
+                entry["grads_left"] = sum(p.grad is not None for p in model.parameters())
+                entry["layout"] = quantized_layout(model, opt)
+            results[f"{kind}/{mode}"] = entry
+            if release:
+                remove_gradient_release(model)
+        results[f"{kind}/release_vs_step_mismatches"] = mismatches(finals["release"], finals["step"])
 
     # 4. checkpoints: 2 FSDP2 ranks -> one process and back, exact; the gathered full state dict
     build, kwargs, _ = cases["adamw/fp32"]
