@@ -22,7 +22,12 @@ import optimi.optimizer
 from optimi._quantization import dequantize, quantize_
 from optimi.distributed import memory_report
 from tests.cases import OPTIMIZERS, max_relative_error
-from tests.test_gradient_release import ACCUMULATION_REFERENCES, ACCUMULATION_STEPS, accumulate_under_release
+from tests.test_gradient_release import (
+    ACCUMULATION_REFERENCES,
+    ACCUMULATION_STEPS,
+    accumulate_under_release,
+    two_groups,
+)
 
 SPECS = {spec.name: spec for spec in OPTIMIZERS}
 BACKENDS = {
@@ -527,15 +532,6 @@ def test_a_worse_state_leaves_the_tracking_tolerance(name, code, monkeypatch):
 
 
 # -- gradient release and optimizer accumulation ----------------------------------------------------
-
-
-def two_groups(model: nn.Module, lr: float) -> list[dict]:
-    """The first layer at half the learning rate: release hooks must find each parameter's group."""
-    first = list(model[0].parameters())
-    return [
-        {"params": first, "lr": lr / 2},
-        {"params": [p for p in model.parameters() if all(p is not q for q in first)]},
-    ]
 
 
 def run_release(name: str, dtype: torch.dtype, release: bool, steps: int, accumulation: bool = False):
